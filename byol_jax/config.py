@@ -1,0 +1,185 @@
+"""The config schema: every field with the paper's value as default, and its validation.
+
+Recipes in configs/ start from `base_config()` and override fields; `validate` rejects
+bad values before any work starts, naming the field and the valid choices.
+Field names are a stable contract (see DESIGN.md); add fields, never rename.
+"""
+import ml_collections
+
+# Names accepted by the string-valued fields. networks.py, optim.py and augment.py hold
+# the registries these names index; tests check the two stay in step.
+ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
+STEMS = ("imagenet", "small")
+NORMS = ("batch", "group_ws", "none")
+PADDINGS = ("same", "symmetric")
+PRECISIONS = ("float32", "bfloat16")
+TAU_SCHEDULES = ("cosine", "constant")
+TARGET_INITS = ("copy", "separate")
+LARS_ORDERS = ("momentum_first", "lr_first")
+
+
+def view_preset(view: int) -> ml_collections.ConfigDict:
+  """The paper's augmentation parameters for view 1 or view 2 (BYOL Table 6).
+
+  Random-resized-crop runs on the host (data.py) and is shared by both views; the rest
+  runs on the device (augment.py). Probabilities are per image.
+  """
+  if view not in (1, 2):
+    raise ValueError(f"view must be 1 or 2, got {view}")
+  return ml_collections.ConfigDict(dict(
+      flip_prob=0.5,
+      color_jitter_prob=0.8,
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.2,
+      hue=0.1,
+      grayscale_prob=0.2,
+      blur_prob=1.0 if view == 1 else 0.1,
+      blur_sigma_min=0.1,
+      blur_sigma_max=2.0,
+      blur_kernel_fraction=0.1,  # kernel side ~ 10% of the image side (23 px at 224).
+      solarize_prob=0.0 if view == 1 else 0.2,
+      solarize_threshold=0.5,
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The paper's ResNet-50 ImageNet setting (300-epoch preset); recipes override it."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 4096  # Global, over all devices of all processes.
+  c.image_size = 224
+  c.num_epochs = 300
+  c.num_steps = 0  # 0: derived from num_epochs and the train split size.
+  c.precision = "float32"
+
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="imagenet2012",
+      data_dir="",  # '' = tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+      train_split="train",
+      eval_split="validation",
+      num_classes=1000,
+      num_train_examples=1_281_167,
+      validation_examples=10_000,  # Held out of train for hyperparameter selection.
+      deterministic=False,
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      encoder="resnet50",
+      width=1.0,
+      resnet_v2=False,
+      stem="imagenet",
+      norm="batch",
+      bn_decay=0.9,
+      bn_eps=1e-5,
+      gn_groups=32,
+      projector_hidden=4096,
+      projector_out=256,
+      predictor_hidden=4096,
+      use_predictor=True,
+      padding="same",
+      # The paper used Haiku's default (last BN scale of each block = 1); the authors'
+      # release zero-inits it. Default: the paper.
+      zero_init_residual=False,
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=0.3,  # Scaled by batch_size / 256.
+      weight_decay=1e-6,
+      momentum=0.9,
+      trust_coefficient=1e-3,
+      warmup_epochs=10,
+      predictor_lr_multiplier=1.0,
+      # 'momentum_first': trace, then multiply by the current lr (the authors' release).
+      # 'lr_first': multiply by lr, then trace (optax.lars). They differ while lr changes.
+      lars_order="momentum_first",
+  ))
+
+  c.target = ml_collections.ConfigDict(dict(
+      tau_base=0.99,
+      schedule="cosine",
+      init="copy",  # Target starts as a copy of the online net (authors' release).
+  ))
+
+  c.augment = ml_collections.ConfigDict(dict(
+      crop_area_min=0.08,
+      crop_area_max=1.0,
+      crop_aspect_min=3 / 4,
+      crop_aspect_max=4 / 3,
+      view1=view_preset(1),
+      view2=view_preset(2),
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
+  c.log = ml_collections.ConfigDict(dict(every_steps=100))
+  c.eval = ml_collections.ConfigDict(dict(every_steps=5000))
+  return c
+
+
+def _choice(value, field: str, valid) -> None:
+  if value not in valid:
+    raise ValueError(f"config.{field}={value!r} is not valid; choose one of {list(valid)}.")
+
+
+def _positive(value, field: str, allow_zero: bool = False) -> None:
+  if value < 0 or (value == 0 and not allow_zero):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"config.{field}={value!r} must be {bound}.")
+
+
+def _probability(value, field: str) -> None:
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"config.{field}={value!r} must be a probability in [0, 1].")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every constrained field; raises ValueError naming the first bad one.
+
+  Returns the config unchanged so it can be used inline.
+  """
+  _choice(c.model.encoder, "model.encoder", ENCODERS)
+  _choice(c.model.stem, "model.stem", STEMS)
+  _choice(c.model.norm, "model.norm", NORMS)
+  _choice(c.model.padding, "model.padding", PADDINGS)
+  _choice(c.precision, "precision", PRECISIONS)
+  _choice(c.target.schedule, "target.schedule", TAU_SCHEDULES)
+  _choice(c.target.init, "target.init", TARGET_INITS)
+  _choice(c.optim.lars_order, "optim.lars_order", LARS_ORDERS)
+  for field in ("batch_size", "image_size", "model.width", "model.projector_hidden",
+                "model.projector_out", "model.predictor_hidden", "dataset.num_classes"):
+    _positive(_get(c, field), field)
+  for field in ("num_epochs", "num_steps", "optim.base_lr", "optim.weight_decay",
+                "optim.warmup_epochs", "optim.predictor_lr_multiplier"):
+    _positive(_get(c, field), field, allow_zero=True)
+  if c.num_steps == 0 and c.num_epochs == 0:
+    raise ValueError("config.num_steps and config.num_epochs are both 0: set one of them.")
+  _probability(c.target.tau_base, "target.tau_base")
+  _probability(c.optim.momentum, "optim.momentum")
+  for view in ("view1", "view2"):
+    for key, value in c.augment[view].items():
+      if key.endswith("_prob"):
+        _probability(value, f"augment.{view}.{key}")
+  return c
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str):
+  for part in dotted.split("."):
+    c = c[part]
+  return c
+
+
+def steps_per_epoch(c: ml_collections.ConfigDict) -> int:
+  """Optimizer steps in one pass over the pretraining examples (at least 1)."""
+  return max(1, c.dataset.num_train_examples // c.batch_size)
+
+
+def total_steps(c: ml_collections.ConfigDict) -> int:
+  """`num_steps` when set, else `num_epochs` worth of steps."""
+  if c.num_steps:
+    return int(c.num_steps)
+  return max(1, int(round(c.num_epochs * steps_per_epoch(c))))
+
+
+def warmup_steps(c: ml_collections.ConfigDict) -> int:
+  """Linear warm-up length in steps (`optim.warmup_epochs`), capped at the run length."""
+  return min(total_steps(c), int(round(c.optim.warmup_epochs * steps_per_epoch(c))))

@@ -1,0 +1,105 @@
+"""Device-parallel helpers: the one device-axis name, replicate/shard/unreplicate.
+
+Everything that crosses devices goes through here: the pmapped update names its axis
+`DEVICE_AXIS`, cross-replica batch norm reduces over it, and the host loop uses these
+functions to place arrays on the local devices.
+"""
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The name of the pmapped device axis. Defined once; batch norm and pmean use it.
+DEVICE_AXIS = "devices"
+
+PyTree = Any
+
+
+def local_devices() -> Sequence[jax.Device]:
+  return jax.local_devices()
+
+
+def per_device_batch(global_batch: int, device_count: int | None = None) -> int:
+  """Examples each device processes for a global batch.
+
+  Args:
+    global_batch: batch size summed over all devices of all processes.
+    device_count: total devices (default: `jax.device_count()`).
+
+  Returns:
+    global_batch // device_count.
+
+  Raises:
+    ValueError: if the global batch does not split evenly over the devices.
+  """
+  if device_count is None:
+    device_count = jax.device_count()
+  if global_batch <= 0 or global_batch % device_count:
+    raise ValueError(
+        f"batch_size={global_batch} is not divisible by the device count "
+        f"{device_count}: choose a batch size that is a multiple of {device_count} "
+        f"(e.g. --config.batch_size={max(1, global_batch // device_count) * device_count}).")
+  return global_batch // device_count
+
+
+def _pmap_sharding(devices: Sequence[jax.Device], shape: Sequence[int]):
+  return jax.sharding.PmapSharding.default(tuple(shape), sharded_dim=0, devices=devices)
+
+
+def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
+  """Copies every leaf onto each local device, with a new leading device axis."""
+  devices = list(devices or local_devices())
+
+  def put(x):
+    x = np.asarray(x)
+    stacked_shape = (len(devices),) + x.shape
+    buffers = [jax.device_put(x, d) for d in devices]
+    return jax.make_array_from_single_device_arrays(
+        stacked_shape, _pmap_sharding(devices, stacked_shape),
+        [b[None] for b in buffers])
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def shard(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
+  """Places leaf[i] on local device i. Leaves must be shaped [num_local_devices, ...]."""
+  devices = list(devices or local_devices())
+
+  def put(x):
+    x = np.asarray(x)
+    if x.shape[0] != len(devices):
+      raise ValueError(
+          f"leading axis {x.shape[0]} does not match the {len(devices)} local devices; "
+          "batches must be shaped [local_devices, per_device_batch, ...].")
+    buffers = [jax.device_put(x[i:i + 1], d) for i, d in enumerate(devices)]
+    return jax.make_array_from_single_device_arrays(
+        x.shape, _pmap_sharding(devices, x.shape), buffers)
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def split_for_devices(tree: PyTree, num_devices: int | None = None) -> PyTree:
+  """Reshapes host arrays [B, ...] to [num_devices, B // num_devices, ...]."""
+  num_devices = num_devices or jax.local_device_count()
+
+  def reshape(x):
+    x = np.asarray(x)
+    per_device = per_device_batch(x.shape[0], num_devices)
+    return x.reshape((num_devices, per_device) + x.shape[1:])
+
+  return jax.tree_util.tree_map(reshape, tree)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+  """Takes device 0's copy of a replicated tree (as host NumPy-backed jax arrays)."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def global_example_index(per_device: int) -> jnp.ndarray:
+  """Inside pmap: the index of each local example within the global batch, [per_device].
+
+  `lax.axis_index` counts devices across all processes, so example i of device d is
+  global example d * per_device + i, whatever the device count.
+  """
+  return jax.lax.axis_index(DEVICE_AXIS) * per_device + jnp.arange(per_device)
