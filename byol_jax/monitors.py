@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 from byol_jax import losses
 
+_RELATIVE_EIG_FLOOR = 1e-6
+
 
 def _global_mean(x: jnp.ndarray, axis_name: str | None) -> jnp.ndarray:
   m = jnp.mean(x, axis=0)
@@ -47,7 +49,11 @@ def effective_rank(normalized: jnp.ndarray, axis_name: str | None = None) -> jnp
   cov = centred.T @ centred / x.shape[0]
   if axis_name is not None:
     cov = jax.lax.pmean(cov, axis_name)
-  singular = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(cov), 0.0))
+  eig = jnp.linalg.eigvalsh(cov)
+  # Eigenvalues below float32 resolution of the largest are rounding noise (a batch
+  # smaller than D has exact zeros); their square roots would inflate the rank.
+  eig = jnp.where(eig > _RELATIVE_EIG_FLOOR * jnp.max(eig), eig, 0.0)
+  singular = jnp.sqrt(eig)
   p = singular / jnp.maximum(jnp.sum(singular), 1e-12)
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
   return jnp.exp(entropy)

@@ -43,8 +43,10 @@ def per_device_batch(global_batch: int, device_count: int | None = None) -> int:
   return global_batch // device_count
 
 
-def _pmap_sharding(devices: Sequence[jax.Device], shape: Sequence[int]):
-  return jax.sharding.PmapSharding.default(tuple(shape), sharded_dim=0, devices=devices)
+def device_sharding(devices: Sequence[jax.Device]) -> jax.sharding.NamedSharding:
+  """The sharding pmap uses for its inputs and outputs: axis 0 split over `devices`."""
+  mesh = jax.sharding.Mesh(np.asarray(devices), (DEVICE_AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DEVICE_AXIS))
 
 
 def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
@@ -53,11 +55,10 @@ def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTr
 
   def put(x):
     x = np.asarray(x)
-    stacked_shape = (len(devices),) + x.shape
-    buffers = [jax.device_put(x, d) for d in devices]
+    # One host copy per device, never an n-fold host array (states can be large).
+    buffers = [jax.device_put(x[None], d) for d in devices]
     return jax.make_array_from_single_device_arrays(
-        stacked_shape, _pmap_sharding(devices, stacked_shape),
-        [b[None] for b in buffers])
+        (len(devices),) + x.shape, device_sharding(devices), buffers)
 
   return jax.tree_util.tree_map(put, tree)
 
@@ -73,8 +74,7 @@ def shard(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
           f"leading axis {x.shape[0]} does not match the {len(devices)} local devices; "
           "batches must be shaped [local_devices, per_device_batch, ...].")
     buffers = [jax.device_put(x[i:i + 1], d) for i, d in enumerate(devices)]
-    return jax.make_array_from_single_device_arrays(
-        x.shape, _pmap_sharding(devices, x.shape), buffers)
+    return jax.make_array_from_single_device_arrays(x.shape, device_sharding(devices), buffers)
 
   return jax.tree_util.tree_map(put, tree)
 

@@ -182,11 +182,16 @@ def update(state: TrainState, batch: dict, rng: jax.Array, *, deps: Deps
   return new_state, metrics
 
 
-def make_pmapped_update(deps: Deps) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+def make_pmapped_update(deps: Deps, devices=None
+                        ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """`update` bound to `deps` and pmapped once; the old state's buffers are donated.
 
   Call it with a replicated state, a batch shaped [local_devices, b, ...] and one rng
   (broadcast to all devices).
+
+  Args:
+    deps: from `make_deps`.
+    devices: the devices to run on (default: all local devices).
   """
   return jax.pmap(functools.partial(update, deps=deps), axis_name=parallel.DEVICE_AXIS,
-                  in_axes=(0, 0, None), donate_argnums=(0,))
+                  in_axes=(0, 0, None), donate_argnums=(0,), devices=devices)

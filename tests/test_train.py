@@ -1,0 +1,190 @@
+"""The pmapped BYOL update: EMA, gradient paths, device-count invariance, guards, ablations.
+
+One tiny config (ResNet-18 at width 1/8, 16 px, small stem) is compiled once per device
+count and reused across tests.
+"""
+import functools
+
+import chex
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from byol_jax import config as config_lib
+from byol_jax import parallel
+from byol_jax import train
+
+GLOBAL_BATCH = 8
+
+
+def tiny_config(**model_overrides):
+  c = config_lib.base_config()
+  c.batch_size, c.image_size, c.num_steps = GLOBAL_BATCH, 16, 10
+  c.dataset.num_classes = 5
+  c.optim.warmup_epochs = 0
+  c.model.update(dict(encoder="resnet18", width=0.125, stem="small", projector_hidden=32,
+                      projector_out=16, predictor_hidden=32), **model_overrides)
+  return config_lib.validate(c)
+
+
+def identity_augment(images, keys, view_cfg):
+  del keys, view_cfg
+  return images.astype(jnp.float32)
+
+
+def host_batch(seed=0, batch=GLOBAL_BATCH, size=16):
+  """Float views in [0, 1] (the update also takes uint8; one dtype keeps one compile)."""
+  rng = np.random.default_rng(seed)
+  views = rng.uniform(0, 1, (2, batch, size, size, 3)).astype(np.float32)
+  return dict(view1=views[0], view2=views[1], label=rng.integers(0, 5, batch).astype(np.int32))
+
+
+def assert_trees_close_to_scale(actual, expected, tol=1e-5):
+  """|a - e| <= tol * max(1, max|e|) leaf by leaf.
+
+  Splitting a batch over devices changes float32 summation order; momentum traces hold
+  raw gradients of order 1, so the tolerance follows each leaf's scale.
+  """
+  def check(path, a, e):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    scale = max(1.0, float(np.max(np.abs(e)))) if e.size else 1.0
+    err = float(np.max(np.abs(a - e))) if e.size else 0.0
+    assert err <= tol * scale, f"{jax.tree_util.keystr(path)}: max error {err:.3g} > {tol * scale:.3g}"
+
+  jax.tree_util.tree_map_with_path(check, actual, expected)
+
+
+@functools.lru_cache(maxsize=None)
+def setup(num_devices: int, real_augment: bool = True):
+  """(config, deps, initial state, pmapped update on the first num_devices devices)."""
+  c = tiny_config()
+  deps = train.make_deps(c, None if real_augment else identity_augment)
+  state = train.init_state(c, deps, jax.random.PRNGKey(0), channels=3)
+  update = train.make_pmapped_update(deps, devices=jax.local_devices()[:num_devices])
+  return c, deps, state, update
+
+
+def run_steps(num_devices, real_augment, batches):
+  c, deps, state, update = setup(num_devices, real_augment)
+  devices = jax.local_devices()[:num_devices]
+  replicated = parallel.replicate(state, devices)
+  metrics = None
+  for b in batches:
+    replicated, metrics = update(replicated, parallel.shard(parallel.split_for_devices(b, num_devices), devices),
+                                 jax.random.PRNGKey(1))
+  return parallel.unreplicate(replicated), parallel.unreplicate(metrics)
+
+
+def test_target_is_the_ema_of_the_updated_online_params():
+  _, _, old, _ = setup(1)
+  new, metrics = run_steps(1, True, [host_batch()])
+  tau = float(metrics["tau"])
+  assert 0.99 <= tau < 1.0
+  expected = jax.tree_util.tree_map(lambda t, o: tau * t + (1 - tau) * o,
+                                    old.target_params, new.online_params)
+  chex.assert_trees_all_close(new.target_params, expected, atol=1e-7, rtol=1e-6)
+  # The online params did move, so the EMA is not trivially the old target.
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), old.online_params, new.online_params)
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+  assert int(new.step) == 1
+
+
+def test_no_gradient_reaches_the_target_params():
+  c, deps, state, _ = setup(1)
+  b = host_batch()
+  fn = lambda online, target: train.loss_fn(online, target, state.online_state, state.target_state,
+                                            b["view1"], b["view2"], b["label"],
+                                            forward=_local_forward(c))[0]
+  g_online, g_target = jax.grad(fn, argnums=(0, 1))(state.online_params, state.target_params)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree_util.tree_leaves(g_target))
+  assert any(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(g_online))
+
+
+def _local_forward(c):
+  from byol_jax import networks
+  return networks.make_byol_network(c.model, c.dataset.num_classes, axis_name=None)
+
+
+def test_probe_loss_sends_gradient_only_to_the_classifier():
+  c, _, state, _ = setup(1)
+  b = host_batch()
+  v = b["view1"]
+  forward = _local_forward(c)
+
+  def probe_loss(params):
+    _, (_, _, aux) = train.loss_fn(params, state.target_params, state.online_state,
+                                   state.target_state, v, v, b["label"], forward=forward)
+    return aux["probe_loss"]
+
+  grads = jax.grad(probe_loss)(state.online_params)
+  for module, name, g in hk.data_structures.traverse(grads):
+    if module.startswith("classifier"):
+      assert np.any(np.asarray(g) != 0), module
+    else:
+      assert np.all(np.asarray(g) == 0), f"{module}/{name} received probe gradient"
+
+
+def test_four_devices_and_one_device_give_the_same_new_state():
+  batches = [host_batch(0), host_batch(1)]
+  one, m_one = run_steps(1, True, batches)
+  four, m_four = run_steps(4, True, batches)
+  assert_trees_close_to_scale(four, one, tol=1e-5)
+  for key in ("loss", "probe_loss", "grad_norm", "collapse_std", "effective_rank"):
+    np.testing.assert_allclose(m_four[key], m_one[key], rtol=1e-4, err_msg=key)
+
+
+def test_metrics_are_reported_and_healthy_at_init():
+  _, metrics = run_steps(1, True, [host_batch()])
+  expected = {"loss", "probe_loss", "probe_top1", "learning_rate", "tau", "grad_norm",
+              "collapse_std", "effective_rank", "online_target_cosine", "nonfinite"}
+  assert expected <= set(metrics)
+  assert 0.0 <= float(metrics["loss"]) <= 8.0
+  assert float(metrics["nonfinite"]) == 0.0
+  assert float(metrics["collapse_std"]) > 0.3 / np.sqrt(16)
+  # Copy-initialised target: online and target projections agree at step 0.
+  np.testing.assert_allclose(metrics["online_target_cosine"], 1.0, atol=1e-4)
+
+
+def test_a_non_finite_batch_leaves_the_state_unchanged():
+  _, _, old, _ = setup(1)
+  bad = host_batch()
+  bad["view1"][3] = np.nan
+  new, metrics = run_steps(1, True, [bad])
+  assert float(metrics["nonfinite"]) == 1.0
+  chex.assert_trees_all_equal(new, old)
+
+
+def test_batch_not_divisible_by_device_count_names_both_numbers():
+  with pytest.raises(ValueError, match=r"batch_size=10 .*device count 4"):
+    parallel.per_device_batch(10, 4)
+
+
+@pytest.mark.parametrize("init", ["copy", "separate"])
+def test_target_init_copy_or_separate(init):
+  c = tiny_config()
+  c.target.init = init
+  deps = train.make_deps(c, identity_augment)
+  state = jax.eval_shape(lambda: train.init_state(c, deps, jax.random.PRNGKey(0), 3))
+  real = train.init_state(c, deps, jax.random.PRNGKey(0), 3) if init == "separate" else None
+  if init == "copy":
+    real = train.init_state(c, deps, jax.random.PRNGKey(0), 3)
+    chex.assert_trees_all_equal(real.target_params, real.online_params)
+  else:
+    w = "encoder/~/initial_conv"
+    assert not np.allclose(real.target_params[w]["w"], real.online_params[w]["w"])
+  assert jax.tree_util.tree_structure(state.target_params) == jax.tree_util.tree_structure(state.online_params)
+
+
+def test_without_predictor_the_update_traces_and_has_no_predictor_params():
+  c = tiny_config(use_predictor=False)
+  deps = train.make_deps(c, identity_augment)
+  state = train.init_state(c, deps, jax.random.PRNGKey(0), 3)
+  assert not any(m.startswith("predictor") for m in state.online_params)
+  b = parallel.split_for_devices(host_batch(), 1)
+  out_state, metrics = jax.eval_shape(
+      jax.pmap(functools.partial(train.update, deps=deps), axis_name=parallel.DEVICE_AXIS,
+               in_axes=(0, 0, None)),
+      jax.tree_util.tree_map(lambda x: x[None], state), b, jax.random.PRNGKey(0))
+  assert metrics["loss"].shape == (1,)
