@@ -1,0 +1,345 @@
+"""Tests of byol_jax.augment: each op against tf.image or NumPy, the random order, the
+probabilities, and the batched, jitted pipeline against a reference built op by op."""
+import colorsys
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from byol_jax import augment
+from byol_jax import config as config_lib
+
+_OFF = dict(flip_prob=0.0, color_jitter_prob=0.0, brightness=0.4, contrast=0.4,
+            saturation=0.2, hue=0.1, grayscale_prob=0.0, blur_prob=0.0, blur_sigma_min=0.5,
+            blur_sigma_max=2.0, blur_kernel_fraction=0.5, solarize_prob=0.0,
+            solarize_threshold=0.5)
+_PROB_FIELD = dict(flip="flip_prob", jitter="color_jitter_prob", grayscale="grayscale_prob",
+                   blur="blur_prob", solarize="solarize_prob")
+
+
+def _view(**overrides) -> augment.ViewConfig:
+  return augment.view_config({**_OFF, **overrides})
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_augment(view: augment.ViewConfig):
+  """One compiled augment_view per view config, shared by the tests."""
+  return jax.jit(functools.partial(augment.augment_view, view_cfg=view))
+
+
+def _images(shape, seed=0, low=0.0, high=1.0):
+  return np.random.RandomState(seed).uniform(low, high, shape).astype(np.float32)
+
+
+def _keys(n, seed=0):
+  return jax.random.split(jax.random.PRNGKey(seed), n)
+
+
+# --- Independent references ------------------------------------------------------------
+
+def _np_blur(image, sigma, kernel_size):
+  """2-D convolution with the outer-product Gaussian kernel, zero padding, float64."""
+  radius = kernel_size // 2
+  x = np.arange(-radius, radius + 1, dtype=np.float64)
+  w = np.exp(-x**2 / (2 * sigma**2))
+  kernel = np.outer(w, w) / np.sum(w)**2
+  h, wd, _ = image.shape
+  padded = np.pad(image.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)))
+  return sum(kernel[i, j] * padded[i:i + h, j:j + wd]
+             for i in range(kernel_size) for j in range(kernel_size))
+
+
+def _tf_jitter_op(image, op, params):
+  if op == augment.BRIGHTNESS:
+    return tf.image.adjust_brightness(image, float(params.brightness_delta))
+  if op == augment.CONTRAST:
+    return tf.image.adjust_contrast(image, float(params.contrast_factor))
+  if image.shape[-1] == 1:  # Saturation and hue are defined as identities on gray.
+    return image
+  if op == augment.SATURATION:
+    return tf.image.adjust_saturation(image, float(params.saturation_factor))
+  return tf.image.adjust_hue(image, float(params.hue_delta))
+
+
+def _reference_jitter(image, params, ops=augment.JITTER_OPS):
+  x = tf.constant(image)
+  for op in np.argsort(np.asarray(params.position)):
+    if augment.JITTER_OPS[op] in ops:
+      x = tf.clip_by_value(_tf_jitter_op(x, op, params), 0.0, 1.0)
+  return x.numpy()
+
+
+def _reference_view(image, draws, view):
+  """The pipeline, one image, from tf.image and NumPy ops, following `draws`."""
+  x = image
+  if draws.flip:
+    x = tf.image.flip_left_right(x).numpy()
+  if draws.color_jitter:
+    x = _reference_jitter(x, draws.jitter)
+  if draws.grayscale and x.shape[-1] == 3:
+    x = np.repeat(tf.image.rgb_to_grayscale(x).numpy(), 3, axis=-1)
+  if draws.blur:
+    x = _np_blur(x, float(draws.blur_sigma),
+                 augment.blur_kernel_size(x.shape[0], view.blur_kernel_fraction))
+  if draws.solarize:
+    x = np.where(x < view.solarize_threshold, x, 1.0 - x)
+  return np.clip(x, 0.0, 1.0)
+
+
+def _index(tree, i):
+  return jax.tree.map(lambda leaf: np.asarray(leaf)[i], tree)
+
+
+# --- Single ops against tf.image and NumPy ---------------------------------------------
+
+IMAGE = _images((6, 7, 3), seed=1)
+
+
+def test_flip_matches_tf():
+  np.testing.assert_array_equal(augment.flip_left_right(IMAGE),
+                                tf.image.flip_left_right(IMAGE).numpy())
+
+
+@pytest.mark.parametrize("delta", [-0.3, 0.25])
+def test_brightness_matches_tf(delta):
+  np.testing.assert_allclose(augment.adjust_brightness(IMAGE, delta),
+                             tf.image.adjust_brightness(IMAGE, delta).numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("factor", [0.6, 1.4])
+def test_contrast_matches_tf_per_channel_mean(factor):
+  np.testing.assert_allclose(augment.adjust_contrast(IMAGE, factor),
+                             tf.image.adjust_contrast(IMAGE, factor).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.8, 1.2, 3.0])
+def test_saturation_matches_tf(factor):
+  np.testing.assert_allclose(augment.adjust_saturation(IMAGE, factor),
+                             tf.image.adjust_saturation(IMAGE, factor).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("delta", [-0.1, 0.07, 0.5])
+def test_hue_matches_tf(delta):
+  np.testing.assert_allclose(augment.adjust_hue(IMAGE, delta),
+                             tf.image.adjust_hue(IMAGE, delta).numpy(), atol=1e-5)
+
+
+def test_grayscale_matches_tf_repeated_to_three_channels():
+  want = np.repeat(tf.image.rgb_to_grayscale(IMAGE).numpy(), 3, axis=-1)
+  np.testing.assert_allclose(augment.to_grayscale(IMAGE), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma,kernel_size", [(0.7, 3), (1.5, 5), (2.0, 7)])
+def test_blur_matches_numpy_2d_convolution_with_zero_padding(sigma, kernel_size):
+  image = _images((9, 11, 3), seed=2)
+  np.testing.assert_allclose(augment.gaussian_blur(image, sigma, kernel_size),
+                             _np_blur(image, sigma, kernel_size), atol=1e-6)
+
+
+@pytest.mark.parametrize("side,want", [(224, 23), (64, 7), (32, 3), (8, 1)])
+def test_blur_kernel_is_odd_and_about_a_tenth_of_the_side(side, want):
+  assert augment.blur_kernel_size(side, 0.1) == want
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+def test_solarize_matches_formula(threshold):
+  image = np.concatenate([IMAGE.ravel(), [threshold, 0.0, 1.0]]).astype(np.float32)
+  want = np.where(image < threshold, image, 1.0 - image)
+  np.testing.assert_array_equal(augment.solarize(image, threshold), want)
+
+
+def test_rgb_to_hsv_matches_colorsys_and_round_trips():
+  rgb = np.concatenate([_images((200, 3), seed=3), np.eye(3), np.ones((1, 3)) * 0.4,
+                        np.zeros((1, 3)), [[1.0, 1.0, 0.0], [0.2, 0.2, 0.9]]]).astype(np.float32)
+  hsv = np.asarray(augment.rgb_to_hsv(rgb))
+  want = np.array([colorsys.rgb_to_hsv(*p) for p in rgb.astype(np.float64)])
+  np.testing.assert_allclose(hsv, want, atol=2e-6)
+  np.testing.assert_allclose(augment.hsv_to_rgb(hsv), rgb, atol=2e-6)
+
+
+def test_one_channel_images_skip_colour_ops_and_keep_the_rest():
+  gray = _images((6, 7, 1), seed=4)
+  for op in (lambda x: augment.adjust_saturation(x, 1.5), lambda x: augment.adjust_hue(x, 0.2),
+             augment.to_grayscale):
+    np.testing.assert_array_equal(op(gray), gray)
+  np.testing.assert_allclose(augment.adjust_contrast(gray, 1.3),
+                             tf.image.adjust_contrast(gray, 1.3).numpy(), atol=1e-6)
+  np.testing.assert_allclose(augment.gaussian_blur(gray, 1.0, 3), _np_blur(gray, 1.0, 3),
+                             atol=1e-6)
+
+
+# --- Colour jitter in random order -----------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _params():
+  """4,800 jitter draws from the paper's strengths (one compile, shared)."""
+  sample = functools.partial(augment.sample_jitter_params, brightness=0.4, contrast=0.4,
+                             saturation=0.2, hue=0.1)
+  return jax.jit(jax.vmap(sample))(_keys(4800))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_draws(view: augment.ViewConfig):
+  return jax.jit(jax.vmap(lambda key: augment.sample_view_draws(key, view)))
+
+
+def test_jitter_draws_every_order_uniformly_and_values_in_range():
+  p = _params()
+  position = np.asarray(p.position)
+  n = len(position)
+  assert (np.sort(position, axis=1) == np.arange(4)).all()  # Each a permutation.
+  counts = np.unique(position, axis=0, return_counts=True)[1]
+  mean, sigma = n / 24, np.sqrt(n / 24 * (1 - 1 / 24))
+  assert len(counts) == 24 and np.abs(counts - mean).max() < 4 * sigma, counts
+  for values, low, high in [(p.brightness_delta, -0.4, 0.4), (p.contrast_factor, 0.6, 1.4),
+                            (p.saturation_factor, 0.8, 1.2), (p.hue_delta, -0.1, 0.1)]:
+    values = np.asarray(values)
+    assert low <= values.min() < low + 0.01 and high - 0.01 < values.max() <= high
+
+
+# All four ops, and one HSV op between RGB ops (three gaps, one HSV slot).
+@pytest.mark.parametrize("ops", [augment.JITTER_OPS, ("brightness", "contrast", "hue")])
+def test_jitter_applies_ops_in_drawn_order_with_clips_like_tf(ops):
+  p = _params()
+  first_of_each_order = np.unique(np.asarray(p.position), axis=0, return_index=True)[1]
+  assert len(first_of_each_order) == 24
+  p = _index(p, first_of_each_order)
+  image = _images((8, 8, 3), seed=5)
+  apply = jax.jit(jax.vmap(lambda q: augment.apply_color_jitter(jnp.asarray(image), q, ops)))
+  got = np.asarray(apply(p))
+  for i in range(24):
+    np.testing.assert_allclose(got[i], _reference_jitter(image, _index(p, i), ops), atol=2e-5)
+
+
+def test_unknown_jitter_op_is_rejected_with_valid_names():
+  with pytest.raises(ValueError, match="valid.*brightness"):
+    augment.apply_color_jitter(IMAGE, _index(_params(), 0), ["sharpness"])
+
+
+# --- Probabilities ---------------------------------------------------------------------
+
+N_DRAWS = 10_000
+PROB_IMAGES = _images((N_DRAWS, 4, 4, 3), seed=6, low=0.6, high=0.9)
+
+
+def _detect(op, before, after):
+  """Per image: whether `op` (and only it) changed the image."""
+  changed = np.any(before != after, axis=(1, 2, 3))
+  if op == "flip":
+    return changed & np.all(after == before[:, :, ::-1], axis=(1, 2, 3))
+  if op == "grayscale":
+    return changed & np.all(after == after[..., :1], axis=(1, 2, 3))
+  return changed
+
+
+@pytest.mark.parametrize("op", sorted(_PROB_FIELD))
+def test_each_op_applies_with_its_probability(op):
+  prob = 0.3
+  keys = _keys(N_DRAWS, seed=7)
+  out = _jitted_augment(_view(**{_PROB_FIELD[op]: prob}))(PROB_IMAGES, keys)
+  applied = _detect(op, PROB_IMAGES, np.asarray(out))
+  sigma = np.sqrt(N_DRAWS * prob * (1 - prob))
+  assert abs(applied.sum() - N_DRAWS * prob) < 3 * sigma, applied.sum()
+  # And exactly on the images whose drawn flag says so (flags do not depend on which
+  # other ops are enabled, so one draw config serves every op).
+  draws = _jitted_draws(_view(**{f: prob for f in _PROB_FIELD.values()}))(keys)
+  field = "color_jitter" if op == "jitter" else op
+  np.testing.assert_array_equal(applied, np.asarray(getattr(draws, field)))
+
+
+def test_probability_zero_never_and_one_always_applies():
+  keys = _keys(N_DRAWS, seed=7)
+  never = _jitted_augment(_view())(PROB_IMAGES, keys)
+  np.testing.assert_array_equal(never, PROB_IMAGES)
+  ones = {f: 1.0 for f in _PROB_FIELD.values()}
+  draws = _jitted_draws(_view(**ones))(keys)
+  assert all(np.asarray(getattr(draws, f)).all()
+             for f in ("flip", "color_jitter", "grayscale", "blur", "solarize"))
+  # With p = 1 the pipeline takes its no-select path; the op-by-op reference below
+  # (test_pipeline_matches_op_by_op_reference[ones]) shows every op is then applied.
+
+
+# --- The batched pipeline --------------------------------------------------------------
+
+HALF = _view(flip_prob=0.5, color_jitter_prob=0.5, grayscale_prob=0.5, blur_prob=0.5,
+             solarize_prob=0.5)
+ONES = _view(**{f: 1.0 for f in _PROB_FIELD.values()})
+
+
+# Float RGB and uint8 gray inputs; probabilities 0.5 (selects) and 1 (no-select path).
+@pytest.mark.parametrize("view,channels,dtype", [(HALF, 3, np.float32), (HALF, 1, np.uint8),
+                                                 (ONES, 3, np.float32)],
+                         ids=["half-rgb-float", "half-gray-uint8", "ones-rgb-float"])
+def test_pipeline_matches_op_by_op_reference(view, channels, dtype):
+  n = 32
+  images = _images((n, 8, 8, channels), seed=8)
+  if dtype == np.uint8:
+    images = np.round(images * 255).astype(np.uint8)
+  keys = _keys(n, seed=9)
+  got = _jitted_augment(view)(images, keys)
+  assert got.dtype == jnp.float32 and got.shape == images.shape
+  got = np.asarray(got)
+  assert 0.0 <= got.min() and got.max() <= 1.0
+  draws = _jitted_draws(view)(keys)
+  floats = images.astype(np.float32) / (255.0 if dtype == np.uint8 else 1.0)
+  for i in range(n):
+    np.testing.assert_allclose(got[i], _reference_view(floats[i], _index(draws, i), view),
+                               atol=2e-5, err_msg=f"image {i}")
+
+
+def test_same_key_same_output_and_each_key_its_own_output():
+  same_image = np.repeat(_images((1, 8, 8, 3), seed=10), 32, axis=0)
+  keys = _keys(32, seed=9)
+  augment_fn = _jitted_augment(ONES)  # Every op on: outputs differ only by their draws.
+  out = np.asarray(augment_fn(same_image, keys))
+  np.testing.assert_array_equal(out, augment_fn(same_image, keys))
+  repeated = np.asarray(augment_fn(same_image, keys[np.zeros(32, np.int32)]))
+  assert all(np.array_equal(repeated[i], out[0]) for i in range(32))
+  assert all(not np.array_equal(out[i], out[j]) for i in range(32) for j in range(i))
+
+
+def test_jit_equals_eager_on_the_paper_view2_preset():
+  images = np.random.RandomState(11).randint(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+  keys = _keys(4)
+  view = config_lib.view_preset(2)
+  eager = augment.augment_view(images, keys, view)
+  jitted = jax.jit(lambda x, k: augment.augment_view(x, k, view))(images, keys)
+  # Fusion reorders float sums (contrast means, blur taps): equal up to rounding.
+  np.testing.assert_allclose(jitted, eager, atol=1e-5)
+
+
+def test_paper_view_presets_read_from_the_config():
+  c = config_lib.base_config()
+  assert augment.view_config(c.augment.view1).blur_prob == 1.0
+  assert augment.view_config(c.augment.view2).solarize_prob == 0.2
+
+
+@pytest.mark.parametrize("images,keys,match", [
+    (np.zeros((2, 8, 8)), _keys(2), r"\[B, H, W, C\]"),
+    (np.zeros((2, 8, 8, 4)), _keys(2), "C in"),
+    (np.zeros((2, 8, 8, 3), np.int32), _keys(2), "uint8"),
+    (np.zeros((2, 8, 8, 3)), _keys(3), "one PRNG key per example"),
+])
+def test_bad_batch_is_rejected_with_the_fix(images, keys, match):
+  with pytest.raises(ValueError, match=match):
+    augment.augment_view(images, keys, HALF)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(flip_prob=1.5), "flip_prob.*probability"),
+    (dict(hue=0.7), "hue"),
+    (dict(blur_sigma_min=3.0), "blur_sigma_min <= blur_sigma_max"),
+])
+def test_bad_view_config_is_rejected_naming_the_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    _view(**overrides)
+
+
+def test_missing_view_field_is_named():
+  fields = dict(_OFF)
+  del fields["solarize_threshold"]
+  with pytest.raises(ValueError, match="solarize_threshold"):
+    augment.view_config(fields)
