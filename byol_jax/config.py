@@ -4,6 +4,9 @@ Recipes in configs/ start from `base_config()` and override fields; `validate` r
 bad values before any work starts, naming the field and the valid choices.
 Field names are a stable contract (see DESIGN.md); add fields, never rename.
 """
+import hashlib
+import json
+
 import ml_collections
 
 # Names accepted by the string-valued fields. networks.py, optim.py and augment.py hold
@@ -110,6 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
       view2=view_preset(2),
   ))
 
+  c.monitor = ml_collections.ConfigDict(dict(
+      max_nonfinite_steps=5,  # Consecutive skipped (non-finite) steps before the job stops.
+      # Collapse: collapse_std * sqrt(projector_out) (about 1 when healthy) below this...
+      collapse_threshold=0.05,
+      collapse_patience=100,  # ...for this many steps in a row: a loud warning.
+      stop_on_collapse=False,  # True: stop the job instead of only warning.
+  ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log = ml_collections.ConfigDict(dict(every_steps=100))
   c.eval = ml_collections.ConfigDict(dict(every_steps=5000))
@@ -183,3 +193,8 @@ def total_steps(c: ml_collections.ConfigDict) -> int:
 def warmup_steps(c: ml_collections.ConfigDict) -> int:
   """Linear warm-up length in steps (`optim.warmup_epochs`), capped at the run length."""
   return min(total_steps(c), int(round(c.optim.warmup_epochs * steps_per_epoch(c))))
+
+
+def config_hash(c: ml_collections.ConfigDict) -> str:
+  """sha256 of the config's canonical JSON: equal configs give equal hashes on every host."""
+  return hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True, default=str).encode()).hexdigest()

@@ -145,7 +145,8 @@ def update(state: TrainState, batch: dict, rng: jax.Array, *, deps: Deps
 
   Returns:
     (new_state, metrics): metrics are scalars averaged over all devices. A step whose
-    loss or gradients are not finite leaves the state unchanged (metrics['nonfinite']=1).
+    loss or gradients are not finite leaves the state unchanged but for `step`
+    (metrics['nonfinite']=1).
   """
   per_device = batch["view1"].shape[0]
   keys = example_keys(rng, state.step, per_device)
@@ -175,11 +176,13 @@ def update(state: TrainState, batch: dict, rng: jax.Array, *, deps: Deps
   metrics.update(grad_norm=grad_norm, learning_rate=deps.lr_schedule(state.step), tau=tau,
                  nonfinite=1.0 - finite.astype(jnp.float32))
 
-  new_state = TrainState(state.step + 1, online_params, online_state, target_params,
+  new_state = TrainState(state.step, online_params, online_state, target_params,
                          target_state, opt_state)
-  # A non-finite step is dropped whole; the host loop counts and stops on repeats.
+  # A non-finite step is dropped whole; the host loop counts and stops on repeats. The
+  # step counter still advances: it counts batches consumed, so the data position and
+  # checkpoints stay in step (the optimiser's own lr count does not advance).
   new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-  return new_state, metrics
+  return new_state._replace(step=state.step + 1), metrics
 
 
 def make_pmapped_update(deps: Deps, devices=None

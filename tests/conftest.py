@@ -10,8 +10,13 @@ import sys
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_TEST_DEVICES = 4
 
+# The two optimisation flags cut CPU compile time of the update step by about half
+# (88 s -> 38 s measured on this project's tiny test network); tests run tiny networks,
+# so the slower generated code costs far less than it saves.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count={NUM_TEST_DEVICES}")
+                           f" --xla_force_host_platform_device_count={NUM_TEST_DEVICES}"
+                           " --xla_backend_optimization_level=0"
+                           " --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(_ROOT))
