@@ -1,0 +1,438 @@
+"""Tests of checkpoint.py: round trips across topologies, retention, integrity, config guard.
+
+The state is a small TrainState-shaped tree with a real optax chain state inside. Values are
+checked against the NumPy arrays the state was built from, on every local replica.
+Multi-process tests start local subprocesses that run this file as a script (`_child_main`).
+"""
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from byol_jax import checkpoint
+from byol_jax import config as config_lib
+from byol_jax import parallel
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class State(NamedTuple):
+  """Same fields as train.TrainState."""
+  step: Any
+  online_params: Any
+  online_state: Any
+  target_params: Any
+  target_state: Any
+  opt_state: Any
+
+
+def _optimizer():
+  mask = {"linear": {"w": True, "b": False}}
+  return optax.chain(optax.masked(optax.add_decayed_weights(1e-3), mask), optax.trace(0.9),
+                     optax.scale_by_schedule(lambda count: 0.1))
+
+
+def host_state(seed: int, step: int, big: int = 0) -> State:
+  """A host (NumPy) state whose every leaf depends on seed; `big` adds a large leaf."""
+  rng = np.random.RandomState(seed)
+  params = {"linear": {"w": rng.randn(3, 2).astype(np.float32),
+                       "b": rng.randn(2).astype(np.float32)}}
+  opt_state = _optimizer().init(params)
+  trace = jax.tree_util.tree_map(lambda x: rng.randn(*x.shape).astype(np.float32), params)
+  opt_state = (opt_state[0], optax.TraceState(trace=trace),
+               optax.ScaleByScheduleState(count=np.int32(step)))
+  bn = {"bn": {"mean": rng.randn(2).astype(np.float32), "var": rng.rand(2).astype(np.float32)}}
+  if big:
+    bn["bn"]["big"] = rng.randn(big).astype(np.float32)
+  target = jax.tree_util.tree_map(lambda x: x + 1, params)
+  return State(np.int32(step), params, bn, target, jax.tree_util.tree_map(np.copy, bn),
+               opt_state)
+
+
+@jax.pmap
+def _identity(tree):
+  return tree
+
+
+def replicated(host: State) -> State:
+  """The host state as the pmapped update returns it: leaves [local_devices, ...]."""
+  n = jax.local_device_count()
+  return _identity(jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), host))
+
+
+def assert_state_equals(restored: State, expected: State) -> None:
+  """Same tree (NamedTuples included) and every local replica equal to the host values."""
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(expected)
+  n = jax.local_device_count()
+  for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(expected)):
+    assert got.shape == (n,) + np.shape(want) and got.dtype == np.asarray(want).dtype
+    for shard in got.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data)[0], want)
+
+
+def small_config():
+  return config_lib.base_config()
+
+
+def make_checkpointer(workdir, every_steps=5, keep=3):
+  return checkpoint.Checkpointer(str(workdir), every_steps=every_steps, keep=keep)
+
+
+def save_steps(workdir, steps, keep=3):
+  """Saves host_state(seed=step, step) at each step; returns the host states by step."""
+  states = {}
+  with make_checkpointer(workdir, keep=keep) as ckpt:
+    for step in steps:
+      states[step] = host_state(step, step)
+      assert ckpt.save(step, replicated(states[step]), force=True)
+  return states
+
+
+def restore(workdir, config=None):
+  with make_checkpointer(workdir) as ckpt:
+    return ckpt.restore_or_none(replicated(host_state(0, 0)), config or small_config())
+
+
+def largest_file(step_dir):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
+           if f != checkpoint.MANIFEST_FILE]
+  return max(files, key=os.path.getsize)
+
+
+# ---------------------------------------------------------------- round trip and cadence
+
+
+def test_restore_returns_saved_step_and_values_on_every_device(tmp_path):
+  states = save_steps(tmp_path, [5])
+  step, state = restore(tmp_path)
+  assert step == 5
+  assert_state_equals(state, states[5])
+  for leaf in jax.tree_util.tree_leaves(state):
+    assert leaf.sharding == parallel.device_sharding(jax.local_devices())
+  # The restored state feeds a pmapped function like the state it replaced.
+  doubled = jax.pmap(lambda s: jax.tree_util.tree_map(lambda x: x * 2, s.online_params))(state)
+  np.testing.assert_array_equal(np.asarray(doubled["linear"]["w"])[3],
+                                2 * states[5].online_params["linear"]["w"])
+
+
+def test_empty_workdir_restores_none_and_records_config(tmp_path):
+  config = small_config()
+  assert restore(tmp_path, config) is None
+  with open(tmp_path / checkpoint.CONFIG_FILE) as f:
+    assert json.load(f) == json.loads(config.to_json_best_effort())
+
+
+def test_saves_only_due_or_forced_steps_and_never_twice(tmp_path):
+  with make_checkpointer(tmp_path, every_steps=5) as ckpt:
+    results = {s: ckpt.save(s, replicated(host_state(s, s))) for s in (3, 5)}
+    results["5 again"] = ckpt.save(5, replicated(host_state(5, 5)), force=True)
+    results["7 forced"] = ckpt.save(7, replicated(host_state(7, 7)), force=True)
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [5, 7]
+  assert results == {3: False, 5: True, "5 again": False, "7 forced": True}
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_keeps_last_k_verified_checkpoints(tmp_path, keep):
+  save_steps(tmp_path, [5, 10, 15, 20], keep=keep)
+  steps = sorted(int(d) for d in os.listdir(tmp_path / checkpoint.CHECKPOINT_DIR))
+  assert steps == [5, 10, 15, 20][-keep:]
+  for step in steps:
+    assert checkpoint.verify_manifest(str(tmp_path / checkpoint.CHECKPOINT_DIR / str(step))) is None
+
+
+def test_retention_keeps_newest_verified_until_a_newer_one_is_verified():
+  steps = [5, 10, 15, 20]
+  # 15 and 20 not manifested yet (save in flight): 10 stays however small keep is.
+  assert checkpoint.KeepLatestVerified(1, lambda s: s <= 10).preserved(steps) == {10, 20}
+  assert checkpoint.KeepLatestVerified(2, lambda s: s <= 10).preserved(steps) == {10, 15, 20}
+  assert checkpoint.KeepLatestVerified(2, lambda s: True).preserved(steps) == {15, 20}
+  assert checkpoint.KeepLatestVerified(1, lambda s: False).preserved(steps) == {20}
+  infos = [type("Info", (), {"step": s})() for s in steps]  # What orbax passes.
+  policy = checkpoint.KeepLatestVerified(1, lambda s: s <= 10)
+  assert policy.should_preserve(infos, context=None) == [False, True, False, True]
+
+
+def test_caller_may_delete_state_buffers_once_save_returns(tmp_path):
+  """The loop donates the state to the next update right after save()."""
+  expected = host_state(1, 5)
+  with make_checkpointer(tmp_path) as ckpt:
+    state = parallel.replicate(expected)  # The initial state's layout, before any update.
+    assert ckpt.save(5, state)
+    for leaf in jax.tree_util.tree_leaves(state):
+      leaf.delete()
+  step, restored = restore(tmp_path)
+  assert step == 5
+  assert_state_equals(restored, expected)
+
+
+# ---------------------------------------------------------------- refusing bad states
+
+
+@pytest.mark.parametrize("where", ["online_params", "opt_state"])
+def test_refuses_to_save_non_finite_state(tmp_path, where):
+  state = host_state(1, 5)
+  if where == "online_params":
+    state.online_params["linear"]["w"][1, 0] = np.nan
+    bad_leaf = "['w']"
+  else:
+    state.opt_state[1].trace["linear"]["b"][0] = np.inf
+    bad_leaf = "trace['linear']['b']"
+  with make_checkpointer(tmp_path) as ckpt:
+    with pytest.raises(FloatingPointError, match=r"NaN/Inf in .*" + bad_leaf.replace("[", r"\[")):
+      ckpt.save(5, replicated(state))
+    assert ckpt.all_steps() == []
+  assert os.listdir(tmp_path / checkpoint.CHECKPOINT_DIR) == []
+
+
+def test_refuses_step_that_differs_from_state_step(tmp_path):
+  with make_checkpointer(tmp_path) as ckpt:
+    with pytest.raises(ValueError, match="state.step=4"):
+      ckpt.save(5, replicated(host_state(1, 4)))
+
+
+def test_refuses_unreplicated_state(tmp_path):
+  with make_checkpointer(tmp_path) as ckpt:
+    with pytest.raises(ValueError, match="replicated by pmap"):
+      ckpt.save(5, jax.tree_util.tree_map(np.asarray, host_state(1, 5)))
+
+
+@pytest.mark.parametrize("change, line", [
+    ("shape", "online_params/linear/w: checkpoint float32[3, 2], current state float32[4, 2]"),
+    ("dtype", "online_params/linear/b: checkpoint float32[2], current state bfloat16[2]"),
+    ("extra", "online_state/bn/extra: checkpoint absent, current state float32[1]"),
+])
+def test_intact_checkpoint_that_does_not_fit_template_names_the_leaf(tmp_path, change, line):
+  save_steps(tmp_path, [5])
+  template = host_state(0, 0)
+  if change == "shape":
+    template.online_params["linear"]["w"] = np.zeros((4, 2), np.float32)
+  elif change == "dtype":
+    template.online_params["linear"]["b"] = np.zeros(2, jax.numpy.bfloat16)
+  else:
+    template.online_state["bn"]["extra"] = np.zeros(1, np.float32)
+  with make_checkpointer(tmp_path) as ckpt:
+    with pytest.raises(ValueError, match="step 5 .* intact but does not fit") as err:
+      ckpt.restore_or_none(replicated(template), small_config())
+  assert line in str(err.value) and "another --workdir" in str(err.value)
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def _flip_byte(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 1)
+
+
+def _delete_manifest(step_dir):
+  os.remove(os.path.join(step_dir, checkpoint.MANIFEST_FILE))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "does not match its sha256"),
+    ("truncate", "bytes, the manifest says"),
+    ("no_manifest", "no byol_jax_manifest.json"),
+])
+def test_damaged_newest_checkpoint_falls_back_loudly(tmp_path, caplog, damage, message):
+  states = save_steps(tmp_path, [5, 10])
+  step_dir = str(tmp_path / checkpoint.CHECKPOINT_DIR / "10")
+  victim = largest_file(step_dir)
+  {"flip": _flip_byte, "truncate": _truncate,
+   "no_manifest": lambda _: _delete_manifest(step_dir)}[damage](victim)
+  step, state = restore(tmp_path)
+  assert step == 5
+  assert_state_equals(state, states[5])
+  errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+  assert any("step 10" in e and message in e for e in errors), errors
+  if damage != "no_manifest":
+    assert any(os.path.relpath(victim, step_dir) in e for e in errors), errors
+  # Moved aside, not deleted; step 10 can be written again.
+  assert os.listdir(tmp_path / checkpoint.QUARANTINE_DIR) == ["10"]
+  with make_checkpointer(tmp_path) as ckpt:
+    assert ckpt.save(10, replicated(states[10]))
+  assert restore(tmp_path)[0] == 10
+
+
+def test_no_intact_checkpoint_raises_naming_each_step(tmp_path):
+  save_steps(tmp_path, [5, 10])
+  for step in (5, 10):
+    _flip_byte(largest_file(str(tmp_path / checkpoint.CHECKPOINT_DIR / str(step))))
+  with pytest.raises(RuntimeError, match=r"no intact checkpoint(.|\n)*step 10:(.|\n)*step 5:"):
+    restore(tmp_path)
+  assert not os.path.exists(tmp_path / checkpoint.QUARANTINE_DIR)
+
+
+def test_manifest_lists_every_file_of_the_step(tmp_path):
+  save_steps(tmp_path, [5])
+  step_dir = tmp_path / checkpoint.CHECKPOINT_DIR / "5"
+  with open(step_dir / checkpoint.MANIFEST_FILE) as f:
+    listed = json.load(f)["files"]
+  on_disk = {os.path.relpath(os.path.join(r, f), step_dir)
+             for r, _, fs in os.walk(step_dir) for f in fs} - {checkpoint.MANIFEST_FILE}
+  assert set(listed) == on_disk and len(on_disk) > 3
+  for rel, entry in listed.items():
+    assert entry["sha256"] == hashlib.sha256((step_dir / rel).read_bytes()).hexdigest()
+  (step_dir / "stray").write_text("x")
+  assert "stray is not in the manifest" in checkpoint.verify_manifest(str(step_dir))
+
+
+# ---------------------------------------------------------------- config guard
+
+
+def test_config_change_in_state_defining_fields_is_refused_and_writes_nothing(tmp_path):
+  save_steps(tmp_path, [5])
+  assert restore(tmp_path, small_config())[0] == 5
+  config_file = tmp_path / checkpoint.CONFIG_FILE
+  before = config_file.read_bytes()
+  changed = small_config()
+  changed.model.width = 2.0
+  changed.precision = "bfloat16"
+  changed.optim.lars_order = "lr_first"
+  with pytest.raises(ValueError) as err:
+    restore(tmp_path, changed)
+  message = str(err.value)
+  for line in ("model.width: saved 1.0, now 2.0", "precision: saved 'float32', now 'bfloat16'",
+               "optim.lars_order: saved 'momentum_first', now 'lr_first'", "another --workdir"):
+    assert line in message
+  assert config_file.read_bytes() == before
+  assert sorted(os.listdir(tmp_path)) == [checkpoint.CHECKPOINT_DIR, checkpoint.CONFIG_FILE]
+
+
+def test_harmless_config_changes_resume_and_are_recorded(tmp_path):
+  save_steps(tmp_path, [5])
+  assert restore(tmp_path, small_config())[0] == 5
+  changed = small_config()
+  changed.num_steps = 1234
+  changed.log.every_steps = 7
+  changed.checkpoint.every_steps = 50
+  changed.dataset.data_dir = "/elsewhere"
+  changed.optim.base_lr = 0.1
+  assert restore(tmp_path, changed)[0] == 5
+  with open(tmp_path / checkpoint.CONFIG_FILE) as f:
+    assert json.load(f) == json.loads(changed.to_json_best_effort())
+
+
+def test_config_mismatches_rule():
+  saved = {"model": {"width": 1.0, "stem": "imagenet"}, "num_steps": 10, "precision": "float32",
+           "dataset": {"num_classes": 10, "data_dir": "a"}}
+  current = {"model": {"width": 1.0, "stem": "small", "new_field": 3}, "num_steps": 20,
+             "precision": "float32", "dataset": {"num_classes": 100, "data_dir": "b"}}
+  reasons = checkpoint.STATE_DEFINING_FIELDS
+  assert checkpoint.config_mismatches(saved, current) == [
+      f"dataset.num_classes: saved 10, now 100 ({reasons['dataset.num_classes']})",
+      f"model.new_field: saved <absent>, now 3 ({reasons['model.']})",
+      f"model.stem: saved 'imagenet', now 'small' ({reasons['model.']})",
+  ]
+  assert checkpoint.config_mismatches(saved, saved) == []
+
+
+# ---------------------------------------------------------------- processes and topologies
+
+_BIG = 2_000_000  # 8 MB leaf: long enough to write that a save is still in flight at exit.
+
+
+def _run_children(args_list, devices, timeout=240):
+  """Runs this file as a script once per args, all at once, and asserts each exits 0.
+
+  All are killed once `timeout` seconds pass (e.g. a peer that never reaches a barrier).
+  """
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=_REPO)
+  procs = [subprocess.Popen([sys.executable, __file__] + [str(a) for a in args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for args in args_list]
+  outputs, deadline = [], time.monotonic() + timeout
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for args, proc, out in zip(args_list, procs, outputs):
+    assert proc.returncode == 0, f"child {args} exited {proc.returncode}:\n{out[-3000:]}"
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_checkpoints_move_between_1x4_2x2_and_1x1_topologies(tmp_path):
+  """1 process x 4 devices -> 2 x 2 -> 1 x 4 and 1 x 1, values identical everywhere."""
+  from_1x4, from_2x2 = tmp_path / "from_1x4", tmp_path / "from_2x2"
+  with make_checkpointer(from_1x4) as ckpt:
+    assert ckpt.save(5, replicated(host_state(5, 5)))
+  port = _free_port()
+  _run_children([("two_processes", i, port, from_1x4, from_2x2) for i in range(2)], devices=2)
+  step, state = restore(from_2x2)
+  assert step == 10
+  assert_state_equals(state, host_state(10, 10))
+  _run_children([("one_device", from_1x4, from_2x2)], devices=1)
+
+
+def test_save_killed_in_flight_leaves_previous_checkpoint_usable(tmp_path):
+  _run_children([("killed_mid_save", tmp_path)], devices=2)
+  step10 = tmp_path / checkpoint.CHECKPOINT_DIR / "10"
+  assert not (step10 / checkpoint.MANIFEST_FILE).exists()
+  with make_checkpointer(tmp_path) as ckpt:
+    step, state = ckpt.restore_or_none(replicated(host_state(0, 0, big=_BIG)), small_config())
+  assert step == 5
+  assert_state_equals(state, host_state(5, 5, big=_BIG))
+
+
+def _child_restore(workdir, step):
+  with make_checkpointer(workdir) as ckpt:
+    got_step, state = ckpt.restore_or_none(replicated(host_state(0, 0)), small_config())
+  assert got_step == step, (got_step, step)
+  assert_state_equals(state, host_state(step, step))
+
+
+def _child_main(mode, *args):
+  if mode == "two_processes":
+    process_id, port, from_1x4, out = int(args[0]), args[1], args[2], args[3]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=process_id, initialization_timeout=120)
+    assert (jax.process_count(), jax.local_device_count()) == (2, 2)
+    _child_restore(from_1x4, 5)
+    with make_checkpointer(out) as ckpt:
+      assert ckpt.save(10, replicated(host_state(10, 10)))
+    jax.distributed.shutdown()
+  elif mode == "one_device":
+    assert jax.device_count() == 1
+    _child_restore(args[0], 5)
+    _child_restore(args[1], 10)
+  elif mode == "killed_mid_save":
+    ckpt = make_checkpointer(args[0])
+    assert ckpt.save(5, replicated(host_state(5, 5, big=_BIG)))
+    ckpt.wait_until_finished()
+    assert ckpt.save(10, replicated(host_state(10, 10, big=_BIG)))
+    os._exit(0)  # Dies with the save of step 10 in flight: no cleanup, no manifest.
+  else:
+    raise ValueError(f"unknown child mode {mode!r}")
+
+
+if __name__ == "__main__":
+  jax.config.update("jax_compilation_cache_dir", os.path.join(_REPO, ".cache", "jax"))
+  _child_main(*sys.argv[1:])
