@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
       predictor_hidden=4096,
       use_predictor=True,
       padding="same",
+      # Standardise inputs with ImageNet channel statistics inside the network, as the
+      # authors' release does; exported encoders then take plain [0, 1] pixels.
+      normalize_inputs=True,
       # The paper used Haiku's default (last BN scale of each block = 1); the authors'
       # release zero-inits it. Default: the paper.
       zero_init_residual=False,

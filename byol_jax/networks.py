@@ -426,6 +426,28 @@ def _training_at_init(is_training: bool) -> bool:
   return is_training or hk.running_init()
 
 
+# Channel statistics of ImageNet pixels in [0, 1]; the authors' release standardises the
+# network's input with them. One-channel images use their means.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: Array) -> Array:
+  """(images - mean) / std per channel, for images [N, H, W, C] in [0, 1], C in {1, 3}."""
+  channels = images.shape[-1]
+  if channels == 3:
+    mean, std = jnp.asarray(IMAGE_MEAN), jnp.asarray(IMAGE_STD)
+  elif channels == 1:
+    mean, std = jnp.mean(jnp.asarray(IMAGE_MEAN))[None], jnp.mean(jnp.asarray(IMAGE_STD))[None]
+  else:
+    raise ValueError(f"images have {channels} channels; expected 1 (grayscale) or 3 (RGB).")
+  return (images - mean.astype(images.dtype)) / std.astype(images.dtype)
+
+
+def _network_input(model_cfg: ml_collections.ConfigDict, images: Array) -> Array:
+  return normalize_images(images) if model_cfg.get("normalize_inputs", True) else images
+
+
 def representation_dim(model_cfg: ml_collections.ConfigDict) -> int:
   """D of the encoder's output: 512 * width (ResNet-18/34) or 2048 * width (50 and up)."""
   spec = lookup(ENCODERS, model_cfg.encoder, "model.encoder")
@@ -443,7 +465,7 @@ def make_encoder_network(model_cfg: ml_collections.ConfigDict, axis_name: str | 
     precision: 'float32' or 'bfloat16' (bf16 compute, float32 params and norms).
 
   Returns:
-    transformed; apply(params, state, rng_or_None, images [N, H, W, C] float32,
+    transformed; apply(params, state, rng_or_None, images [N, H, W, C] float32 in [0, 1],
     is_training) -> (representation [N, D] float32, new_state).
   """
   policies = lookup(PRECISIONS, precision, "precision")
@@ -452,7 +474,7 @@ def make_encoder_network(model_cfg: ml_collections.ConfigDict, axis_name: str | 
   def forward(images, is_training):
     is_training = _training_at_init(is_training)
     with _precision_scope(policies):
-      y = build_encoder()(images, is_training)
+      y = build_encoder()(_network_input(model_cfg, images), is_training)
     return y.astype(jnp.float32)
 
   return hk.transform_with_state(forward)
@@ -470,7 +492,7 @@ def make_byol_network(model_cfg: ml_collections.ConfigDict, num_classes: int,
     precision: 'float32' or 'bfloat16' (bf16 compute, float32 params and norms).
 
   Returns:
-    transformed; apply(params, state, rng_or_None, images [N, H, W, C] float32,
+    transformed; apply(params, state, rng_or_None, images [N, H, W, C] float32 in [0, 1],
     is_training) -> (outputs, new_state), outputs a dict of float32 arrays:
     representation [N, D], projection [N, projector_out], prediction [N, projector_out]
     (the projection itself when model.use_predictor is False), logits [N, num_classes].
@@ -486,7 +508,7 @@ def make_byol_network(model_cfg: ml_collections.ConfigDict, num_classes: int,
   def forward(images, is_training):
     is_training = _training_at_init(is_training)
     with _precision_scope(policies):
-      y = build_encoder()(images, is_training)
+      y = build_encoder()(_network_input(m, images), is_training)
       z = MLP(m.projector_hidden, m.projector_out, layers, name="projector")(y, is_training)
       p = z
       if m.use_predictor:
