@@ -17,6 +17,18 @@ config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/byol_imagenet.py[:arg]; fields are overridden "
     "with --config.key=value.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS; on "
+                    "Cloud TPU leave unset and pass --distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (else $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process (else $JAX_PROCESS_ID).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with no arguments "
+                  "(Cloud TPU and SLURM/Open MPI detect the cluster themselves).")
+flags.DEFINE_integer("initialization_timeout", 300,
+                     "Multi-host: seconds to wait for all processes to join.")
+flags.DEFINE_string("source", None, "prepare-data: directory with the raw files.")
+flags.DEFINE_string("data_dir", None, "prepare-data: tfds data directory to write (default: "
+                    "tfds's, ~/tensorflow_datasets or $TFDS_DATA_DIR).")
 flags.DEFINE_integer("bench_steps", 5, "bench: timed steps per round.")
 flags.DEFINE_integer("bench_rounds", 3, "bench: alternating timing rounds.")
 flags.DEFINE_integer("channels", 3, "Image channels for benchmarks on synthetic data.")
@@ -24,7 +36,12 @@ flags.DEFINE_integer("channels", 3, "Image channels for benchmarks on synthetic 
 USAGE = """usage: byol-jax COMMAND [--flags]
 
 commands:
-  bench step   --config=FILE [--config.key=value ...]   time the BYOL update (one JSON line)
+  pretrain --config=FILE[:arg] --workdir=DIR [--config.key=value ...]
+                                       train (or resume) BYOL; checkpoints and logs in DIR
+  prepare-data fashion_mnist [--source=DIR] [--data_dir=DIR]
+                                       build a tfds data set from local files
+  bench step --config=FILE [--config.key=value ...]   time the BYOL update (one JSON line)
+  bench input --config=FILE [--config.key=value ...]  time the input pipeline (one JSON line)
 """
 
 
@@ -39,17 +56,72 @@ def _config():
   return config_lib.validate(FLAGS.config)
 
 
+def _maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize from flags, $JAX_* variables, or cluster auto-detection."""
+  import os
+  import jax
+  address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if address is None and not FLAGS.distributed:
+    return
+  if address is None:
+    jax.distributed.initialize(initialization_timeout=FLAGS.initialization_timeout)
+    return
+  num = FLAGS.num_processes or os.environ.get("JAX_NUM_PROCESSES")
+  pid = FLAGS.process_id if FLAGS.process_id is not None else os.environ.get("JAX_PROCESS_ID")
+  if num is None or pid is None:
+    raise UsageError("multi-host: with a coordinator address also give --num_processes and "
+                     "--process_id (or $JAX_NUM_PROCESSES and $JAX_PROCESS_ID).")
+  jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
+                             process_id=int(pid),
+                             initialization_timeout=FLAGS.initialization_timeout)
+
+
+def _pretrain(args: list[str]) -> None:
+  if args:
+    raise UsageError(f"pretrain takes no positional arguments, got {args}.")
+  if not FLAGS.workdir:
+    raise UsageError("--workdir is required: where checkpoints and logs go.")
+  c = _config()
+  _maybe_initialize_distributed()
+  from byol_jax import loop
+  result = loop.pretrain(c, FLAGS.workdir)
+  import jax
+  if jax.process_index() == 0:
+    state = "stopped early (preempted); rerun the same command to resume" if result["preempted"] else "done"
+    print(f"pretrain {state} at step {result['step']}.")
+    for key in ("eval_top1", "eval_top5"):
+      if key in result:
+        print(f"  online probe {key[5:]} on {c.dataset.eval_split}: {result[key]:.2%}")
+    print(f"  checkpoints: {FLAGS.workdir}/checkpoints\n  metrics:     {FLAGS.workdir}/metrics.jsonl\n"
+          f"  TensorBoard: tensorboard --logdir={FLAGS.workdir}")
+
+
+def _prepare_data(args: list[str]) -> None:
+  from byol_jax import sources
+  if args != ["fashion_mnist"]:
+    raise UsageError(f"prepare-data takes one data set name; valid: ['fashion_mnist'], got {args}.")
+  kwargs = {"data_dir": FLAGS.data_dir}
+  if FLAGS.source:
+    kwargs["source_dir"] = FLAGS.source
+  print(f"fashion_mnist ready in {sources.prepare_fashion_mnist(**kwargs)}")
+
+
 def _bench(args: list[str]) -> None:
   what = args[0] if args else None
   if what == "step":
     from byol_jax import bench
     figures = bench.step_benchmark(_config(), FLAGS.bench_steps, FLAGS.bench_rounds, FLAGS.channels)
+  elif what == "input":
+    from byol_jax import bench_input
+    figures = bench_input.input_benchmark(_config())
   else:
-    raise UsageError(f"unknown benchmark {what!r}; valid: ['step'].")
+    raise UsageError(f"unknown benchmark {what!r}; valid: ['input', 'step'].")
   print(json.dumps(figures))
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "pretrain": _pretrain,
+    "prepare-data": _prepare_data,
     "bench": _bench,
 }
 

@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 4096  # Global, over all devices of all processes.
   c.image_size = 224
-  c.num_epochs = 300
+  c.num_epochs = 300.0  # Float: fractional epochs are allowed.
   c.num_steps = 0  # 0: derived from num_epochs and the train split size.
   c.precision = "float32"
 
@@ -65,6 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
       num_train_examples=1_281_167,
       validation_examples=10_000,  # Held out of train for hyperparameter selection.
       deterministic=False,
+      channels=0,  # 0: the data set's own channel count; 1 or 3 converts.
+      eval_crop_fraction=224 / 256,  # Centre crop of the shorter side at evaluation.
+      cache_max_bytes=2 * 1024**3,  # Splits smaller than this are cached in memory.
+      shuffle_buffer=0,  # 0: whole slice when cached, else max(1000, 10 x batch).
+      num_threads=0,  # tf.data private thread pool; 0: all cores.
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -94,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=1e-6,
       momentum=0.9,
       trust_coefficient=1e-3,
-      warmup_epochs=10,
+      warmup_epochs=10.0,
       predictor_lr_multiplier=1.0,
       # 'momentum_first': trace, then multiply by the current lr (the authors' release).
       # 'lr_first': multiply by lr, then trace (optax.lars). They differ while lr changes.

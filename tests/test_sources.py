@@ -1,42 +1,19 @@
 """Tests of byol_jax.sources: Fashion-MNIST idx files and image folders become tfds data
 sets that tfds and data.py read like any other."""
-import gzip
 import pathlib
-import struct
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from fakes import write_fashion_mnist, write_idx
 from byol_jax import config as config_lib
 from byol_jax import data
 from byol_jax import sources
 
 tfds.disable_progress_bar()
 REAL_FASHION_MNIST = pathlib.Path(sources.FASHION_MNIST_DIR)
-
-
-def write_idx(path, array, compress):
-  """The idx format: magic (0x08 = uint8, then the rank), big-endian dims, raw bytes."""
-  magic = 0x800 + array.ndim
-  raw = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-  raw += array.astype(np.uint8).tobytes()
-  path = pathlib.Path(f"{path}.gz" if compress else path)
-  path.write_bytes(gzip.compress(raw) if compress else raw)
-
-
-def write_fashion_mnist(folder, n_train=12, n_test=5, seed=0):
-  rng = np.random.default_rng(seed)
-  arrays = {}
-  for split, prefix, n, compress in (("train", "train", n_train, True),
-                                     ("test", "t10k", n_test, False)):
-    images = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
-    labels = (np.arange(n) * 3 + seed) % 10
-    write_idx(folder / f"{prefix}-images-idx3-ubyte", images, compress)
-    write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, compress)
-    arrays[split] = (images, labels)
-  return arrays
 
 
 def load(name, data_dir, split):

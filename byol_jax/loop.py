@@ -1,0 +1,195 @@
+"""The pretraining loop: restore or init, step, log, checkpoint, evaluate, stop cleanly.
+
+The host side of training. It owns all I/O and all state that is not a JAX array; the
+maths is `train.update`. Metrics of step k are read while step k+1 runs, so the host
+never waits on the device except to log, evaluate or checkpoint.
+"""
+import dataclasses
+import logging as std_logging
+import math
+import signal
+import threading
+from typing import Any, Callable
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from byol_jax import checkpoint
+from byol_jax import config as config_lib
+from byol_jax import data
+from byol_jax import evaluate
+from byol_jax import parallel
+from byol_jax import train
+from byol_jax import writers
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class CollapseError(RuntimeError):
+  """The collapse monitor stayed near zero and the config asks to stop."""
+
+
+@dataclasses.dataclass
+class Guards:
+  """Host-side health counters, updated from each step's metrics."""
+  max_nonfinite: int
+  collapse_threshold: float  # On collapse_std * sqrt(projector_out); ~1 when healthy.
+  collapse_patience: int
+  stop_on_collapse: bool
+  consecutive_nonfinite: int = 0
+  total_nonfinite: int = 0
+  collapsed_steps: int = 0
+  warned: bool = False
+
+  def check(self, step: int, metrics: dict, dim: int) -> None:
+    """Raises NonFiniteError / CollapseError, or warns, from one step's metrics."""
+    if metrics["nonfinite"] > 0:
+      self.consecutive_nonfinite += 1
+      self.total_nonfinite += 1
+      logging.warning("step %d: non-finite loss or gradient; the update was skipped "
+                      "(%d in a row).", step, self.consecutive_nonfinite)
+      if self.consecutive_nonfinite >= self.max_nonfinite:
+        raise NonFiniteError(
+            f"{self.consecutive_nonfinite} consecutive non-finite steps ending at step {step}; "
+            "the last checkpoint holds the last finite state. Lower optim.base_lr or check "
+            "the input data, then rerun to resume.")
+      return
+    self.consecutive_nonfinite = 0
+    if metrics["collapse_std"] * math.sqrt(dim) < self.collapse_threshold:
+      self.collapsed_steps += 1
+    else:
+      self.collapsed_steps, self.warned = 0, False
+    if self.collapsed_steps >= self.collapse_patience and not self.warned:
+      self.warned = True
+      message = (f"COLLAPSE: the projections have had almost no spread for "
+                 f"{self.collapsed_steps} steps (collapse_std={metrics['collapse_std']:.2e} at "
+                 f"step {step}; healthy is about {1 / math.sqrt(dim):.2e}).")
+      if self.stop_on_collapse:
+        raise CollapseError(message + " Stopping (monitor.stop_on_collapse=True).")
+      logging.error(message)
+
+
+class StopSignal:
+  """Turns SIGTERM (how TPU VMs are preempted) into a flag the loop polls each step."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host_metrics(metrics: Any) -> dict:
+  return {k: float(np.asarray(v)[0]) for k, v in jax.device_get(metrics).items()}
+
+
+def _agree_across_hosts(c: ml_collections.ConfigDict, start_step: int) -> None:
+  """Stops the job when processes disagree on where to start or on the config."""
+  if jax.process_count() == 1:
+    return
+  digest = np.frombuffer(config_lib.config_hash(c).encode()[:32].ljust(32), np.uint8)
+  try:
+    multihost_utils.assert_equal(np.concatenate([digest.astype(np.int64), [start_step]]),
+                                 "processes disagree on the config or the start step")
+  except AssertionError as e:
+    raise ValueError(f"{e}: every process must run the same command on the same workdir.")
+
+
+def _evaluate(c, eval_fn, state) -> dict:
+  batches = data.device_prefetch(data.eval_dataset(
+      c, process_index=jax.process_index(), process_count=jax.process_count(),
+      local_device_count=jax.local_device_count()))
+  return evaluate.probe_accuracy(eval_fn, state.online_params, state.online_state, batches)
+
+
+def pretrain(c: ml_collections.ConfigDict, workdir: str,
+             print_fn: Callable[[str], None] | None = None) -> dict:
+  """Runs (or resumes) pretraining of config `c` in `workdir` to config_lib.total_steps(c).
+
+  Args:
+    c: a validated config.
+    workdir: checkpoints, config.json, metrics.jsonl and TensorBoard events go here.
+    print_fn: console output (default print).
+
+  Returns:
+    The last logged metrics plus the final evaluation, and 'step' and 'preempted'.
+
+  Raises:
+    NonFiniteError, CollapseError: see Guards. ValueError: bad config or workdir.
+  """
+  config_lib.validate(c)
+  total = config_lib.total_steps(c)
+  parallel.per_device_batch(c.batch_size)  # Fails early with both numbers.
+  deps = train.make_deps(c)
+  init_key, aug_key = jax.random.split(jax.random.PRNGKey(c.seed))
+  fresh = train.init_state(c, deps, init_key, data.num_channels(c))
+  state = parallel.replicate(fresh)
+  ckpt = checkpoint.Checkpointer.from_config(workdir, c)
+  restored = ckpt.restore_or_none(state, c)
+  start = 0 if restored is None else restored[0]
+  if restored is not None:
+    state = restored[1]
+    logging.info("resumed from step %d of %s", start, workdir)
+  _agree_across_hosts(c, start)
+  source = data.pretrain_dataset(c, process_index=jax.process_index(),
+                                 process_count=jax.process_count(),
+                                 local_device_count=jax.local_device_count(), start_step=start)
+  batches = data.device_prefetch(source)
+  update = train.make_pmapped_update(deps)
+  eval_fn = evaluate.make_pmapped_probe_eval(deps.forward)
+  writer = writers.MetricWriter(workdir, total, images_per_step=c.batch_size, print_fn=print_fn)
+  guards = Guards(c.monitor.max_nonfinite_steps, c.monitor.collapse_threshold,
+                  c.monitor.collapse_patience, c.monitor.stop_on_collapse)
+  dim, last, pending, step = c.model.projector_out, {}, None, start
+
+  def consume(item):
+    nonlocal last
+    k, device_metrics = item
+    values = _host_metrics(device_metrics)
+    guards.check(k, values, dim)
+    if k % c.log.every_steps == 0 or k == total:
+      values.update(skipped_images=source.skipped_images, nonfinite_total=guards.total_nonfinite)
+      writer.write(k, values)
+    last = values
+
+  with StopSignal() as stop:
+    try:
+      while step < total and not stop.event.is_set():
+        state, metrics = update(state, next(batches), aug_key)
+        step += 1
+        if pending is not None:
+          consume(pending)
+        pending = (step, metrics)
+        if step % c.checkpoint.every_steps == 0:
+          consume(pending)  # Guards see this step before its state is saved.
+          pending = None
+        # Called every step: it saves when due, and writes the previous save's manifest as
+        # soon as orbax has finished it.
+        ckpt.save(step, state)
+        if c.eval.every_steps and step % c.eval.every_steps == 0 and step < total:
+          writer.write(step, _evaluate(c, eval_fn, state))
+      if pending is not None:
+        consume(pending)
+      ckpt.save(step, state, force=True)
+    finally:
+      ckpt.close()
+  preempted = step < total
+  result = dict(last, step=step, preempted=preempted)
+  if not preempted:
+    final_eval = _evaluate(c, eval_fn, state)
+    writer.write(step, final_eval)
+    result.update(final_eval)
+  writer.close()
+  return result

@@ -1,0 +1,209 @@
+"""The pretraining job end to end: the real entry point on a small Fashion-MNIST-format
+data set the tests write, resume, exact resume after SIGKILL, SIGTERM, guards, CLI errors."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import fakes
+from byol_jax import checkpoint
+from byol_jax import config as config_lib
+from byol_jax import data
+from byol_jax import loop
+from byol_jax import parallel
+from byol_jax import sources
+from byol_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "configs" / "byol_fashion_mnist.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("fmnist")
+  fakes.write_fashion_mnist(root / "idx", n_train=64, n_test=12)
+  sources.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))
+  return str(root / "tfds")
+
+
+def smoke_config(data_dir, **overrides):
+  sys.path.insert(0, str(ROOT / "configs"))
+  import byol_fashion_mnist
+  c = byol_fashion_mnist.get_config("smoke")
+  c.unlock()
+  c.dataset.data_dir = data_dir
+  c.dataset.num_train_examples = 64
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config_lib.validate(c)
+
+
+def read_metrics(workdir):
+  lines = pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()
+  return [json.loads(l) for l in lines]
+
+
+def restore_final(workdir, c):
+  deps = train.make_deps(c)
+  template = parallel.replicate(train.init_state(c, deps, jax.random.PRNGKey(0), 1))
+  with checkpoint.Checkpointer.from_config(str(workdir), c) as ckpt:
+    step, state = ckpt.restore_or_none(template, c)
+  return step, parallel.unreplicate(state)
+
+
+def test_pretrain_logs_checkpoints_evaluates_and_resumes(data_dir, tmp_path):
+  c = smoke_config(data_dir)
+  result = loop.pretrain(c, str(tmp_path), print_fn=lambda line: None)
+  assert result["step"] == 4 and not result["preempted"]
+  assert 0.0 <= result["eval_top1"] <= 1.0 and result["eval_examples"] == 12
+  steps = [m["step"] for m in read_metrics(tmp_path) if "loss" in m]
+  assert steps == [1, 2, 3, 4]
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
+  assert (tmp_path / "checkpoints" / "4" / checkpoint.MANIFEST_FILE).exists()
+  # Rerunning with a longer run resumes at step 4 instead of starting again.
+  longer = smoke_config(data_dir, num_steps=6)
+  again = loop.pretrain(longer, str(tmp_path), print_fn=lambda line: None)
+  assert again["step"] == 6
+  steps = [m["step"] for m in read_metrics(tmp_path) if "loss" in m]
+  assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resuming_with_another_architecture_is_refused(data_dir, tmp_path):
+  loop.pretrain(smoke_config(data_dir, num_steps=2), str(tmp_path), print_fn=lambda line: None)
+  with pytest.raises(ValueError, match="model.width"):
+    loop.pretrain(smoke_config(data_dir, num_steps=2, **{"model.width": 0.25}), str(tmp_path))
+
+
+def _cli(args, env_extra=None, **kwargs):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **(env_extra or {}))
+  return subprocess.Popen([sys.executable, "-m", "byol_jax", *args], cwd=str(ROOT), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _pretrain_args(data_dir, workdir, steps, every):
+  return ["pretrain", f"--config={RECIPE}:smoke", f"--workdir={workdir}",
+          f"--config.dataset.data_dir={data_dir}", "--config.dataset.num_train_examples=64",
+          "--config.dataset.deterministic=True", f"--config.num_steps={steps}",
+          f"--config.checkpoint.every_steps={every}", "--config.log.every_steps=1"]
+
+
+def _wait_for(predicate, proc, timeout):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.05)
+  return False
+
+
+def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
+  steps, every = 40, 10
+  killed = tmp_path / "killed"
+  manifest = killed / "checkpoints" / str(every) / checkpoint.MANIFEST_FILE
+  proc = _cli(_pretrain_args(data_dir, killed, steps, every))
+  try:
+    assert _wait_for(manifest.exists, proc, timeout=300), proc.communicate()[1][-3000:]
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    proc.kill()
+  assert not (killed / "checkpoints" / str(steps)).exists()
+  rerun = _cli(_pretrain_args(data_dir, killed, steps, every))
+  out, err = rerun.communicate(timeout=400)
+  assert rerun.returncode == 0, err[-3000:]
+  straight = tmp_path / "straight"
+  uninterrupted = _cli(_pretrain_args(data_dir, straight, steps, every))
+  out, err = uninterrupted.communicate(timeout=400)
+  assert uninterrupted.returncode == 0, err[-3000:]
+  c = smoke_config(data_dir, num_steps=steps, **{"dataset.deterministic": True,
+                                                  "checkpoint.every_steps": every})
+  step_a, state_a = restore_final(killed, c)
+  step_b, state_b = restore_final(straight, c)
+  assert step_a == step_b == steps
+  chex.assert_trees_all_equal(state_a.online_params, state_b.online_params)
+  chex.assert_trees_all_equal(state_a.target_params, state_b.target_params)
+  chex.assert_trees_all_equal(state_a, state_b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
+  metrics = tmp_path / "metrics.jsonl"
+  proc = _cli(_pretrain_args(data_dir, tmp_path, 400, 1000))
+  try:
+    assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc, 300), \
+        proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  assert time.monotonic() - start < 120
+  assert "preempted" in out
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 0 < saved[0] < 400
+  assert (tmp_path / "checkpoints" / str(saved[0]) / checkpoint.MANIFEST_FILE).exists()
+
+
+def _guards(**kw):
+  args = dict(max_nonfinite=3, collapse_threshold=0.05, collapse_patience=2, stop_on_collapse=False)
+  args.update(kw)
+  return loop.Guards(**args)
+
+
+def test_guard_stops_after_k_consecutive_non_finite_steps_naming_the_step():
+  g = _guards()
+  healthy = dict(nonfinite=0.0, collapse_std=0.1)
+  bad = dict(nonfinite=1.0, collapse_std=float("nan"))
+  for step, m in enumerate([bad, bad, healthy, bad, bad], start=1):
+    g.check(step, m, dim=16)  # Never three in a row: no error.
+  with pytest.raises(loop.NonFiniteError, match="ending at step 6"):
+    g.check(6, bad, dim=16)
+  assert g.total_nonfinite == 5
+
+
+def test_collapse_alarm_warns_or_stops_after_patience():
+  collapsed = dict(nonfinite=0.0, collapse_std=1e-5)
+  g = _guards()
+  g.check(1, collapsed, 16)
+  g.check(2, collapsed, 16)
+  assert g.warned
+  stopping = _guards(stop_on_collapse=True)
+  stopping.check(1, collapsed, 16)
+  with pytest.raises(loop.CollapseError, match="step 2"):
+    stopping.check(2, collapsed, 16)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.no_such_field=1"], "no_such_field"),
+    (["--config.model.encoder=resnet7"], "resnet7"),
+    (["--config.batch_size=6"], "batch_size=6"),
+])
+def test_cli_rejects_bad_config_with_one_line_naming_it(tmp_path, args, message):
+  proc = _cli(["pretrain", f"--config={RECIPE}:smoke", f"--workdir={tmp_path}", *args],
+              env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  lines = [l for l in err.strip().splitlines() if l.startswith("byol-jax: error")]
+  assert len(lines) == 1 and message in lines[0], err[-2000:]
+
+
+def test_missing_data_set_says_how_to_prepare_it(tmp_path):
+  c = smoke_config(str(tmp_path / "empty"))
+  with pytest.raises(FileNotFoundError, match="prepare-data fashion_mnist"):
+    loop.pretrain(c, str(tmp_path / "run"))
