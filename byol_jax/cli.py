@@ -132,6 +132,11 @@ def run(argv: list[str]) -> None:
     positional = FLAGS(argv)
   except flags.Error as e:
     raise UsageError(str(e)) from None
+  except (AttributeError, KeyError) as e:  # ml_collections: a --config.key that does not exist.
+    raise UsageError(f"unknown config field {str(e).strip(chr(34) + chr(39))!r} in a --config.* override; the valid fields are "
+                     "those of the recipe (see byol_jax/config.py).") from None
+  except TypeError as e:  # ml_collections: a value of the wrong type for its field.
+    raise UsageError(f"bad --config.* value: {e}") from None
   if len(positional) < 2 or positional[1] in ("help", "-h", "--help"):
     raise UsageError("no command given.\n" + USAGE)
   command = positional[1]

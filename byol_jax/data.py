@@ -256,13 +256,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _per_process_batch(batch_size: int, process_count: int, local_device_count: int) -> int:
-  shards = process_count * local_device_count
-  if batch_size <= 0 or batch_size % shards:
-    raise ValueError(
-        f"batch_size={batch_size} does not split over process_count={process_count} x "
-        f"local_device_count={local_device_count} = {shards} devices; use a multiple of "
-        f"{shards}.")
-  return batch_size // process_count
+  devices = process_count * local_device_count
+  return parallel.per_device_batch(batch_size, devices) * local_device_count
 
 
 def _to_devices(ds, per_process: int, local_device_count: int):

@@ -441,7 +441,7 @@ def test_device_prefetch_places_batches_on_local_devices(images_dir):
 def test_bad_batch_size_and_split_and_missing_data_sets_raise_clear_errors(images_dir, tmp_path):
   c = make_config("byol_test_images", images_dir[0], deterministic=False)
   c.batch_size = 6
-  with pytest.raises(ValueError, match=r"batch_size=6 .*local_device_count=4"):
+  with pytest.raises(ValueError, match=r"batch_size=6 .*device count 4"):
     data.pretrain_dataset(c, local_device_count=4)
   with pytest.raises(ValueError, match="train_minus_val"):
     data.eval_dataset(make_config("byol_test_images", images_dir[0]), "nonexistent",
