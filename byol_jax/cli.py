@@ -5,6 +5,7 @@ flags and calls the library; no maths here. Bad input exits non-zero with one li
 stderr.
 """
 import json
+import logging as std_logging
 import sys
 from typing import Callable
 
@@ -145,9 +146,17 @@ def run(argv: list[str]) -> None:
   COMMANDS[command](positional[2:])
 
 
+class _DropDeprecationNotices(std_logging.Filter):
+  """tfds logs a deprecation notice per feature access; they bury the progress lines."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return "is deprecated" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> None:
   """Console entry point: exit 0 on success, 2 with one stderr line on bad input."""
   logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger("absl").addFilter(_DropDeprecationNotices())
   try:
     run(list(sys.argv if argv is None else argv))
   except (UsageError, ValueError, FileNotFoundError) as e:

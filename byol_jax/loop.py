@@ -5,7 +5,6 @@ maths is `train.update`. Metrics of step k are read while step k+1 runs, so the 
 never waits on the device except to log, evaluate or checkpoint.
 """
 import dataclasses
-import logging as std_logging
 import math
 import signal
 import threading

@@ -1,4 +1,4 @@
-"""BYOL on Fashion-MNIST: the CPU recipe (small-image ResNet-18 at width 1/4, 28 px, 1 channel).
+"""BYOL on Fashion-MNIST: the CPU recipe (small-image ResNet-18 at width 1/8, 28 px, 1 channel).
 
 Command (after `byol-jax prepare-data fashion_mnist`):
   byol-jax pretrain --config=configs/byol_fashion_mnist.py --workdir=runs/fashion_mnist
@@ -6,8 +6,9 @@ Args (`--config=configs/byol_fashion_mnist.py:ARG`):
   '' (default): the CPU run of README's main command.
   'smoke': a few steps of a tiny network, for tests of the real entry point.
 Deviations from the ImageNet recipe, for 28 px grayscale images on 2 CPU cores: small stem,
-width 1/4, 512/128 heads, crops of at least 20% of the image (8% of 28 px is a few pixels),
-a shorter warm-up. Expected figures and cost: see experiments/README.md.
+width 1/8, 512/128 heads, crops of at least 20% of the image (8% of 28 px is a few pixels),
+a shorter warm-up, 3 epochs. Cost: 702 steps at about 210 images/s on 2 CPU cores
+(measured), about 15 minutes. Tuning to the accuracy targets belongs to the recipes work.
 """
 from byol_jax import config as config_lib
 
@@ -16,11 +17,11 @@ def get_config(arg: str | None = None):
   c = config_lib.base_config()
   c.batch_size = 256
   c.image_size = 28
-  c.num_epochs = 4.0
+  c.num_epochs = 3.0
   c.dataset.update(dict(name="fashion_mnist", train_split="train", eval_split="test",
                         num_classes=10, num_train_examples=60_000, validation_examples=5_000,
                         deterministic=False))
-  c.model.update(dict(encoder="resnet18", width=0.25, stem="small", projector_hidden=512,
+  c.model.update(dict(encoder="resnet18", width=0.125, stem="small", projector_hidden=512,
                       projector_out=128, predictor_hidden=512, gn_groups=8))
   c.optim.update(dict(base_lr=1.0, weight_decay=1e-6, warmup_epochs=0.5))
   c.target.tau_base = 0.99
@@ -31,7 +32,7 @@ def get_config(arg: str | None = None):
   if arg == "smoke":
     c.batch_size = 8
     c.num_steps = 4
-    c.model.update(dict(width=0.125, projector_hidden=32, projector_out=16, predictor_hidden=32))
+    c.model.update(dict(projector_hidden=32, projector_out=16, predictor_hidden=32))
     c.checkpoint.every_steps = 2
     c.log.every_steps = 1
   elif arg:

@@ -10,13 +10,11 @@ import time
 
 import chex
 import jax
-import numpy as np
 import pytest
 
 import fakes
 from byol_jax import checkpoint
 from byol_jax import config as config_lib
-from byol_jax import data
 from byol_jax import loop
 from byol_jax import parallel
 from byol_jax import sources
