@@ -30,6 +30,8 @@ flags.DEFINE_integer("initialization_timeout", 300,
 flags.DEFINE_string("source", None, "prepare-data: directory with the raw files.")
 flags.DEFINE_string("data_dir", None, "prepare-data: tfds data directory to write (default: "
                     "tfds's, ~/tensorflow_datasets or $TFDS_DATA_DIR).")
+flags.DEFINE_string("out", None, "preview: the PNG file to write.")
+flags.DEFINE_integer("num_images", 8, "preview: training images (rows) to show.")
 flags.DEFINE_integer("bench_steps", 5, "bench: timed steps per round.")
 flags.DEFINE_integer("bench_rounds", 3, "bench: alternating timing rounds.")
 flags.DEFINE_integer("channels", 3, "Image channels for benchmarks on synthetic data.")
@@ -41,6 +43,8 @@ commands:
                                        train (or resume) BYOL; checkpoints and logs in DIR
   prepare-data fashion_mnist [--source=DIR] [--data_dir=DIR]
                                        build a tfds data set from local files
+  preview --config=FILE --out=views.png [--num_images=8]
+                                       PNG grid: each image's two crops and augmented views
   bench step --config=FILE [--config.key=value ...]   time the BYOL update (one JSON line)
   bench input --config=FILE [--config.key=value ...]  time the input pipeline (one JSON line)
 """
@@ -107,6 +111,14 @@ def _prepare_data(args: list[str]) -> None:
   print(f"fashion_mnist ready in {sources.prepare_fashion_mnist(**kwargs)}")
 
 
+def _preview(args: list[str]) -> None:
+  if args or not FLAGS.out:
+    raise UsageError("usage: byol-jax preview --config=FILE --out=views.png [--num_images=8]")
+  from byol_jax import preview
+  path = preview.write_preview(_config(), FLAGS.out, FLAGS.num_images)
+  print(f"wrote {path}: rows of [crop 1 | view 1 | crop 2 | view 2]")
+
+
 def _bench(args: list[str]) -> None:
   what = args[0] if args else None
   if what == "step":
@@ -123,6 +135,7 @@ def _bench(args: list[str]) -> None:
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "pretrain": _pretrain,
     "prepare-data": _prepare_data,
+    "preview": _preview,
     "bench": _bench,
 }
 
