@@ -45,7 +45,9 @@ def write_preview(c: ml_collections.ConfigDict, out: str, num_images: int = 8) -
   """Writes the grid to `out` (a .png path) and returns the path."""
   if num_images < 1 or num_images > c.batch_size:
     raise ValueError(f"num_images={num_images} must be between 1 and batch_size={c.batch_size}.")
-  png = grid_png(preview_rows(c, num_images))
+  rows = preview_rows(c, num_images)
+  scale = max(1, 96 // c.image_size)  # Small images are enlarged (nearest) to be seen.
+  png = grid_png(np.repeat(np.repeat(rows, scale, axis=2), scale, axis=3))
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "wb") as f:
     f.write(png)

@@ -37,4 +37,4 @@ def test_preview_rows_show_the_crops_and_their_augmented_views(tmp_path):
   crop2, view2 = rows[:, 2], rows[:, 3]
   np.testing.assert_allclose(view2, np.where(crop2 < 0.5, crop2, 1.0 - crop2), atol=1e-6)
   out = preview.write_preview(c, str(tmp_path / "out" / "views.png"), num_images=3)
-  assert tf.io.decode_png(open(out, "rb").read()).shape[0] == 3 * (28 + 2) + 2
+  assert tf.io.decode_png(open(out, "rb").read()).shape[0] == 3 * (3 * 28 + 2) + 2  # x3 enlarged.
