@@ -30,6 +30,7 @@ flags.DEFINE_integer("initialization_timeout", 300,
 flags.DEFINE_string("source", None, "prepare-data: directory with the raw files.")
 flags.DEFINE_string("data_dir", None, "prepare-data: tfds data directory to write (default: "
                     "tfds's, ~/tensorflow_datasets or $TFDS_DATA_DIR).")
+flags.DEFINE_string("name", None, "prepare-data image_folder: tfds name for the data set.")
 flags.DEFINE_string("out", None, "preview: the PNG file to write.")
 flags.DEFINE_integer("num_images", 8, "preview: training images (rows) to show.")
 flags.DEFINE_integer("bench_steps", 5, "bench: timed steps per round.")
@@ -42,6 +43,7 @@ commands:
   pretrain --config=FILE[:arg] --workdir=DIR [--config.key=value ...]
                                        train (or resume) BYOL; checkpoints and logs in DIR
   prepare-data fashion_mnist [--source=DIR] [--data_dir=DIR]
+  prepare-data image_folder --source=DIR --name=NAME [--data_dir=DIR]
                                        build a tfds data set from local files
   preview --config=FILE --out=views.png [--num_images=8]
                                        PNG grid: each image's two crops and augmented views
@@ -103,12 +105,21 @@ def _pretrain(args: list[str]) -> None:
 
 def _prepare_data(args: list[str]) -> None:
   from byol_jax import sources
-  if args != ["fashion_mnist"]:
-    raise UsageError(f"prepare-data takes one data set name; valid: ['fashion_mnist'], got {args}.")
-  kwargs = {"data_dir": FLAGS.data_dir}
-  if FLAGS.source:
-    kwargs["source_dir"] = FLAGS.source
-  print(f"fashion_mnist ready in {sources.prepare_fashion_mnist(**kwargs)}")
+  if args == ["fashion_mnist"]:
+    kwargs = {"data_dir": FLAGS.data_dir}
+    if FLAGS.source:
+      kwargs["source_dir"] = FLAGS.source
+    print(f"fashion_mnist ready in {sources.prepare_fashion_mnist(**kwargs)}")
+  elif args == ["image_folder"]:
+    if not FLAGS.source or not FLAGS.name:
+      raise UsageError("prepare-data image_folder needs --source=DIR (class subfolders) and "
+                       "--name=NAME (the tfds name to use as --config.dataset.name).")
+    report = sources.prepare_image_folder(FLAGS.source, FLAGS.name, FLAGS.data_dir)
+    print(f"{FLAGS.name} ready in {report.data_dir}: splits {report.split_sizes}, "
+          f"{len(report.class_names)} classes, {len(report.skipped)} unreadable files skipped")
+  else:
+    raise UsageError(f"prepare-data takes one source; valid: ['fashion_mnist', 'image_folder'], "
+                     f"got {args}.")
 
 
 def _preview(args: list[str]) -> None:
@@ -142,6 +153,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 def run(argv: list[str]) -> None:
   """Parses `argv` (program name first) and runs the subcommand; raises on bad input."""
+  FLAGS.unparse_flags()  # Each run starts from the defaults (run() may be called repeatedly).
   try:
     positional = FLAGS(argv)
   except flags.Error as e:
