@@ -7,8 +7,9 @@ Args (`--config=configs/byol_fashion_mnist.py:ARG`):
   'smoke': a few steps of a tiny network, for tests of the real entry point.
 Deviations from the ImageNet recipe, for 28 px grayscale images on 2 CPU cores: small stem,
 width 1/8, 512/128 heads, crops of at least 20% of the image (8% of 28 px is a few pixels),
-a shorter warm-up, 3 epochs. Cost: 702 steps at about 210 images/s on 2 CPU cores
-(measured), about 15 minutes. Tuning to the accuracy targets belongs to the recipes work.
+a shorter warm-up, 3 epochs. Measured on 2 CPU cores: 702 steps at 160-175 images/s,
+19 minutes in all; the online probe (LARS-trained, a monitor, not the linear protocol)
+reached 43.5% top-1 / 93.7% top-5 on the test split, seed 0. Not yet tuned for accuracy.
 """
 from byol_jax import config as config_lib
 
