@@ -393,6 +393,14 @@ def apply_view(image: Array, draws: ViewDraws, view: ViewConfig) -> Array:
   return jnp.clip(x, 0.0, 1.0)
 
 
+def to_unit_range(images: Array) -> Array:
+  """uint8 [0, 255] -> float32 [0, 1]; floats are taken as already in [0, 1] (float32)."""
+  images = jnp.asarray(images)
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
 def _check_batch(images: Array, keys: Array) -> None:
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(f"images must be [B, H, W, C] with C in (1, 3); got shape "
@@ -423,9 +431,7 @@ def augment_view(images: Array, keys: Array, view_cfg: Mapping[str, Any] | ViewC
   images = jnp.asarray(images)
   keys = jnp.asarray(keys)
   _check_batch(images, keys)
-  if images.dtype == jnp.uint8:
-    images = images.astype(jnp.float32) / 255.0
-  images = images.astype(jnp.float32)
+  images = to_unit_range(images)
   out = jax.vmap(lambda image, key: apply_view(image, sample_view_draws(key, view), view))(
       images, keys)
   return jax.lax.stop_gradient(out)

@@ -12,15 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byol_jax import augment
 from byol_jax import losses
 from byol_jax import parallel
-
-
-def to_unit_range(images: jnp.ndarray) -> jnp.ndarray:
-  """uint8 [0, 255] -> float32 [0, 1]; floats are passed through as float32."""
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    return images.astype(jnp.float32) / 255.0
-  return images.astype(jnp.float32)
 
 
 def probe_eval_step(params: hk.Params, state: hk.State, batch: dict, *,
@@ -35,7 +29,8 @@ def probe_eval_step(params: hk.Params, state: hk.State, batch: dict, *,
   Returns:
     dict(top1=, top5=, count=) as float32 sums over the global batch.
   """
-  outputs, _ = forward.apply(params, state, None, to_unit_range(batch["image"]), is_training=False)
+  outputs, _ = forward.apply(params, state, None, augment.to_unit_range(batch["image"]),
+                                is_training=False)
   mask = batch["mask"].astype(jnp.float32)
   k5 = min(5, outputs["logits"].shape[-1])
   counts = dict(top1=jnp.sum(losses.topk_correct(outputs["logits"], batch["label"], 1) * mask),

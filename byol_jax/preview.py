@@ -25,7 +25,7 @@ def preview_rows(c: ml_collections.ConfigDict, num_images: int = 8, seed: int = 
   keys = jax.random.split(jax.random.PRNGKey(seed), 2 * len(crops1))
   view1 = augment.augment_view(crops1, keys[:len(crops1)], c.augment.view1.to_dict())
   view2 = augment.augment_view(crops2, keys[len(crops1):], c.augment.view2.to_dict())
-  to_float = lambda x: np.asarray(x, np.float32) / 255.0
+  to_float = lambda x: np.asarray(augment.to_unit_range(x))
   return np.stack([to_float(crops1), np.asarray(view1), to_float(crops2), np.asarray(view2)], 1)
 
 

@@ -57,17 +57,17 @@ def assert_trees_close_to_scale(actual, expected, tol=1e-5):
 
 
 @functools.lru_cache(maxsize=None)
-def setup(num_devices: int, real_augment: bool = True):
+def setup(num_devices: int):
   """(config, deps, initial state, pmapped update on the first num_devices devices)."""
   c = tiny_config()
-  deps = train.make_deps(c, None if real_augment else identity_augment)
+  deps = train.make_deps(c)
   state = train.init_state(c, deps, jax.random.PRNGKey(0), channels=3)
   update = train.make_pmapped_update(deps, devices=jax.local_devices()[:num_devices])
   return c, deps, state, update
 
 
-def run_steps(num_devices, real_augment, batches):
-  c, deps, state, update = setup(num_devices, real_augment)
+def run_steps(num_devices, batches):
+  c, deps, state, update = setup(num_devices)
   devices = jax.local_devices()[:num_devices]
   replicated = parallel.replicate(state, devices)
   metrics = None
@@ -79,7 +79,7 @@ def run_steps(num_devices, real_augment, batches):
 
 def test_target_is_the_ema_of_the_updated_online_params():
   _, _, old, _ = setup(1)
-  new, metrics = run_steps(1, True, [host_batch()])
+  new, metrics = run_steps(1, [host_batch()])
   tau = float(metrics["tau"])
   assert 0.99 <= tau < 1.0
   expected = jax.tree_util.tree_map(lambda t, o: tau * t + (1 - tau) * o,
@@ -128,15 +128,15 @@ def test_probe_loss_sends_gradient_only_to_the_classifier():
 
 def test_four_devices_and_one_device_give_the_same_new_state():
   batches = [host_batch(0), host_batch(1)]
-  one, m_one = run_steps(1, True, batches)
-  four, m_four = run_steps(4, True, batches)
+  one, m_one = run_steps(1, batches)
+  four, m_four = run_steps(4, batches)
   assert_trees_close_to_scale(four, one, tol=1e-5)
   for key in ("loss", "probe_loss", "grad_norm", "collapse_std", "effective_rank"):
     np.testing.assert_allclose(m_four[key], m_one[key], rtol=1e-4, err_msg=key)
 
 
 def test_metrics_are_reported_and_healthy_at_init():
-  _, metrics = run_steps(1, True, [host_batch()])
+  _, metrics = run_steps(1, [host_batch()])
   expected = {"loss", "probe_loss", "probe_top1", "learning_rate", "tau", "grad_norm",
               "collapse_std", "effective_rank", "online_target_cosine", "nonfinite"}
   assert expected <= set(metrics)
@@ -151,7 +151,7 @@ def test_a_non_finite_batch_leaves_the_state_unchanged_but_the_step():
   _, _, old, _ = setup(1)
   bad = host_batch()
   bad["view1"][3] = np.nan
-  new, metrics = run_steps(1, True, [bad])
+  new, metrics = run_steps(1, [bad])
   assert float(metrics["nonfinite"]) == 1.0
   assert int(new.step) == int(old.step) + 1  # Batches consumed still advance.
   chex.assert_trees_all_equal(new._replace(step=old.step), old)
@@ -167,16 +167,13 @@ def test_target_init_copy_or_separate(init):
   c = tiny_config()
   c.target.init = init
   deps = train.make_deps(c, identity_augment)
-  state = jax.eval_shape(lambda: train.init_state(c, deps, jax.random.PRNGKey(0), 3))
-  real = train.init_state(c, deps, jax.random.PRNGKey(0), 3) if init == "separate" else None
+  state = train.init_state(c, deps, jax.random.PRNGKey(0), 3)
   if init == "copy":
-    real = train.init_state(c, deps, jax.random.PRNGKey(0), 3)
-    chex.assert_trees_all_equal(real.target_params, real.online_params)
+    chex.assert_trees_all_equal(state.target_params, state.online_params)
   else:
     w = "encoder/~/initial_conv"
-    assert not np.allclose(real.target_params[w]["w"], real.online_params[w]["w"])
+    assert not np.allclose(state.target_params[w]["w"], state.online_params[w]["w"])
   assert jax.tree_util.tree_structure(state.target_params) == jax.tree_util.tree_structure(state.online_params)
-
 
 def test_without_predictor_the_update_traces_and_has_no_predictor_params():
   c = tiny_config(use_predictor=False)
