@@ -20,6 +20,6 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["byol_jax", "byol_jax.*"]),
     python_requires=">=3.10",
     install_requires=_requirements(),
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"]},
     entry_points={"console_scripts": ["byol-jax=byol_jax.cli:main"]},
 )

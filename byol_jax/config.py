@@ -131,6 +131,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log = ml_collections.ConfigDict(dict(every_steps=100))
   c.eval = ml_collections.ConfigDict(dict(every_steps=5000))
+
+  # Linear evaluation of the frozen online encoder (`byol-jax linear-eval`).
+  c.linear = ml_collections.ConfigDict(dict(
+      mode="augmented",  # 'augmented': crop + flip each epoch (paper); 'features': frozen features once.
+      batch_size=1024,
+      num_epochs=80.0,
+      momentum=0.9,  # SGD with Nesterov momentum.
+      nesterov=True,
+      weight_decay=0.0,
+      # Chosen on the validation split carved from train (dataset.validation_examples),
+      # then the chosen one is retrained on all of train and reported on dataset.eval_split.
+      learning_rates=(0.4, 0.3, 0.2, 0.1, 0.05),
+      every_epochs=1.0,  # Log train loss this often.
+  ))
+  # Semi-supervised fine-tuning of the whole encoder on a labelled subset.
+  c.finetune = ml_collections.ConfigDict(dict(
+      label_fraction=0.01,  # 0.01 or 0.1 in the paper; a class-balanced subset chosen by seed.
+      subset_file="",  # Optional: a text file of train example indices (one per line) instead.
+      batch_size=1024,
+      num_epochs=30.0,
+      learning_rate=0.01,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=0.0,
+  ))
+  # kNN monitor on frozen features: cosine similarity, temperature-weighted votes.
+  c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, every_steps=0,
+                                         train_examples=0))  # 0: all of train.
   return c
 
 
