@@ -1,0 +1,375 @@
+"""Sweeps: expand an experiments/ file over a recipe, run or resume each run, tabulate results.
+
+A sweep file is plain Python with `get_sweep() -> list[dict]`, each dict
+`{'name': 'tau_0.9', 'overrides': {'target.tau_base': 0.9, ...}}` (dotted config fields).
+Each run's config is the recipe, then the command line's `--config.key=value` overrides,
+then the run's own overrides (the run wins). Every run is built and validated before the
+first one starts, so a misspelt field fails at once, naming it.
+
+Run `name` lives in WORKDIR/name/: pretraining there (rerunning resumes it), linear
+evaluation in WORKDIR/name/linear, and `sweep_run.json` once both are done (a finished run
+is skipped on rerun). WORKDIR gets results.csv, results.md and results.png.
+"""
+import ast
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shlex
+import traceback
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+from byol_jax import config as config_lib
+
+PrintFn = Callable[[str], None]
+PretrainFn = Callable[..., dict]  # (config, workdir, print_fn) -> result dict.
+# (config, pretrained=, workdir=, print_fn=) -> {top1, top5, learning_rate (or lr)}.
+EvalFn = Callable[..., dict]
+
+DONE_FILE = "sweep_run.json"
+METRICS_FILE = "metrics.jsonl"
+# Metrics of metrics.jsonl whose last value goes in the table (key -> column).
+FINAL_METRICS = {"loss": "loss", "collapse_std": "collapse_std", "probe_top1": "probe_top1",
+                 "eval_top1": "probe_eval_top1"}
+COLUMNS = ("name", "status", "linear_top1", "linear_top5", "linear_lr", "probe_eval_top1",
+           "probe_top1", "loss", "collapse_std", "step", "overrides", "error")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of a sweep: its name, its own overrides and its full, validated config."""
+  name: str
+  overrides: Mapping[str, Any]
+  config: ml_collections.ConfigDict
+
+
+def _load_module(path: str, what: str):
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} file {path!r} does not exist.")
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_recipe(spec: str) -> ml_collections.ConfigDict:
+  """'configs/recipe.py[:arg]' -> the recipe's locked config, as `--config=` would load it."""
+  path, _, arg = spec.partition(":")
+  module = _load_module(path, "recipe")
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"recipe {path!r} has no get_config(arg=None) function.")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def load_sweep(path: str) -> list[dict]:
+  """Reads a sweep file's `get_sweep()` and checks its shape (names unique and path-safe).
+
+  Returns:
+    [{'name': str, 'overrides': {dotted field: value}}], in the file's order.
+  """
+  module = _load_module(path, "sweep")
+  if not hasattr(module, "get_sweep"):
+    raise ValueError(f"sweep file {path!r} has no get_sweep() function returning "
+                     "[{'name': ..., 'overrides': {...}}, ...].")
+  runs, seen = list(module.get_sweep()), set()
+  if not runs:
+    raise ValueError(f"sweep file {path!r}: get_sweep() returned no runs.")
+  for run in runs:
+    if not isinstance(run, Mapping) or set(run) != {"name", "overrides"}:
+      raise ValueError(f"sweep file {path!r}: each run must be a dict with exactly the keys "
+                       f"'name' and 'overrides', got {run!r}.")
+    name = run["name"]
+    if not isinstance(name, str) or not _NAME.match(name):
+      raise ValueError(f"sweep file {path!r}: run name {name!r} must be letters, digits, "
+                       "'_', '.' or '-' (it names the run's directory).")
+    if name in seen:
+      raise ValueError(f"sweep file {path!r}: run name {name!r} appears twice.")
+    seen.add(name)
+  return runs
+
+
+def parse_cli_overrides(args: Sequence[str]) -> dict[str, str]:
+  """['--config.optim.base_lr=0.5', ...] -> {'optim.base_lr': '0.5'} (values still strings)."""
+  out = {}
+  for arg in args:
+    match = re.match(r"^--config\.([A-Za-z0-9_.]+)=(.*)$", arg)
+    if not match:
+      raise ValueError(f"override {arg!r} is not of the form --config.key=value.")
+    out[match.group(1)] = match.group(2)
+  return out
+
+
+def _from_string(text: str, current: Any, key: str) -> Any:
+  """A command-line string as the type of the field's current value."""
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1"):
+      return True
+    if text.lower() in ("false", "0"):
+      return False
+    raise ValueError(f"config field {key!r} is a bool; got {text!r} (use true or false).")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ValueError(f"config field {key!r}: cannot read {text!r} as a "
+                     f"{type(current).__name__}.") from None
+  return tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                    source: str) -> ml_collections.ConfigDict:
+  """A copy of `c` with dotted-field overrides; strings are read as the field's type.
+
+  Raises:
+    ValueError: naming `source`, the field and the fix (unknown field, wrong type).
+  """
+  c = c.copy_and_resolve_references()
+  for key, value in overrides.items():
+    parts = key.split(".")
+    node = c
+    for depth, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parts[:depth]) or "the top level"
+        valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ValueError(f"{source}: unknown config field {key!r}; valid fields under "
+                         f"{where}: {valid}.")
+      if depth < len(parts) - 1:
+        node = node[part]
+    leaf = parts[-1]
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ValueError(f"{source}: {key!r} is a section, not a field; override its fields "
+                       f"({sorted(current.keys())}) one by one.")
+    if isinstance(value, str) and not isinstance(current, str):
+      value = _from_string(value, current, key)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f"{source}: config field {key!r} cannot take {value!r}: {e}") from None
+  c.lock()
+  return c
+
+
+def expand(sweep: Sequence[Mapping], base: ml_collections.ConfigDict) -> list[Run]:
+  """Every run's config (base + run overrides), each validated; fails before any run starts."""
+  runs = []
+  for run in sweep:
+    source = f"sweep run {run['name']!r}"
+    c = apply_overrides(base, run["overrides"], source)
+    try:
+      config_lib.validate(c)
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}") from None
+    runs.append(Run(run["name"], dict(run["overrides"]), c))
+  return runs
+
+
+def _cli_value(value: Any) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  return str(value)
+
+
+def run_commands(runs: Sequence[Run], base_spec: str, base_overrides: Mapping[str, str],
+                 workdir: str) -> list[str]:
+  """One shell line per run: pretrain, then linear evaluation, for a cluster launcher."""
+  lines = []
+  for run in runs:
+    run_dir = os.path.join(workdir, run.name)
+    flags = [f"--config={base_spec}"]
+    flags += [f"--config.{k}={v}" for k, v in base_overrides.items()]
+    flags += [f"--config.{k}={_cli_value(v)}" for k, v in run.overrides.items()]
+    pretrain = ["byol-jax", "pretrain", *flags, f"--workdir={run_dir}"]
+    linear = ["byol-jax", "linear-eval", *flags, f"--pretrained={run_dir}",
+              f"--workdir={os.path.join(run_dir, 'linear')}"]
+    lines.append(f"{shlex.join(pretrain)} && {shlex.join(linear)}")
+  return lines
+
+
+def read_metrics(run_dir: str) -> dict[int, dict]:
+  """metrics.jsonl as {step: merged metrics}, later lines winning (a resume repeats steps)."""
+  path = os.path.join(run_dir, METRICS_FILE)
+  by_step: dict[int, dict] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          record = json.loads(line)
+          by_step.setdefault(int(record["step"]), {}).update(record)
+  return dict(sorted(by_step.items()))
+
+
+def final_metrics(by_step: Mapping[int, dict]) -> dict:
+  """The last non-null value of each FINAL_METRICS key (by table column), and the last step."""
+  out = {column: None for column in FINAL_METRICS.values()}
+  out["step"] = max(by_step) if by_step else None
+  for record in by_step.values():
+    for key, column in FINAL_METRICS.items():
+      if record.get(key) is not None:
+        out[column] = record[key]
+  return out
+
+
+def _default_pretrain(c, workdir, print_fn):
+  from byol_jax import loop  # Heavy (jax, tf): only when a run really starts.
+  return loop.pretrain(c, workdir, print_fn)
+
+
+def _default_linear_eval(c, pretrained, workdir, print_fn):
+  from byol_jax import linear_eval
+  return linear_eval.run(c, pretrained=pretrained, workdir=workdir, print_fn=print_fn)
+
+
+def _run_one(run: Run, run_dir: str, pretrain_fn: PretrainFn, eval_fn: EvalFn,
+             print_fn: PrintFn) -> dict:
+  """Pretrains (or resumes) and evaluates one run; returns its table row."""
+  done_path = os.path.join(run_dir, DONE_FILE)
+  digest = config_lib.config_hash(run.config)
+  if os.path.exists(done_path):
+    with open(done_path) as f:
+      done = json.load(f)
+    if done["config_hash"] != digest:
+      raise ValueError(f"{run_dir} holds a finished run of a different config; use another "
+                       "--workdir or delete that run directory.")
+    print_fn(f"[sweep] {run.name}: finished earlier, skipped.")
+    return dict(done["row"], status="done")
+  print_fn(f"[sweep] {run.name}: pretraining in {run_dir}")
+  result = pretrain_fn(run.config, run_dir, print_fn)
+  if result.get("preempted"):
+    return dict(status="preempted")
+  print_fn(f"[sweep] {run.name}: linear evaluation in {run_dir}/linear")
+  linear = eval_fn(run.config, pretrained=run_dir, workdir=os.path.join(run_dir, "linear"),
+                   print_fn=print_fn)
+  row = dict(final_metrics(read_metrics(run_dir)), status="done",
+             linear_top1=linear["top1"], linear_top5=linear["top5"],
+             # linear_eval.run names the chosen base lr 'learning_rate'.
+             linear_lr=linear.get("lr", linear.get("learning_rate")))
+  with open(done_path, "w") as f:
+    json.dump(dict(config_hash=digest, row=row), f, indent=1)
+  return row
+
+
+def run_sweep(runs: Sequence[Run], workdir: str, pretrain_fn: PretrainFn, eval_fn: EvalFn,
+              print_fn: PrintFn = print) -> list[dict]:
+  """Runs every run in order; a run that raises is recorded as failed and the sweep goes on.
+
+  The results files are rewritten after every run, so a long sweep shows its progress. A
+  preempted run (SIGTERM) stops the sweep: rerun the same command to resume it.
+
+  Returns:
+    One row per run (COLUMNS), in the sweep's order; runs not reached have status 'pending'.
+  """
+  rows = [dict(name=r.name, status="pending", overrides=_overrides_text(r.overrides))
+          for r in runs]
+  for run, row in zip(runs, rows):
+    run_dir = os.path.join(workdir, run.name)
+    try:
+      row.update(_run_one(run, run_dir, pretrain_fn, eval_fn, print_fn))
+    except Exception as e:  # noqa: BLE001  One bad run must not stop the sweep.
+      message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+      row.update(status="failed", error=message)
+      print_fn(f"[sweep] {run.name}: FAILED: {message}\n{traceback.format_exc()}")
+    write_results(rows, runs, workdir)
+    if row["status"] == "preempted":
+      print_fn("[sweep] stopped (preempted); rerun the same command to resume.")
+      break
+  return rows
+
+
+def _overrides_text(overrides: Mapping[str, Any]) -> str:
+  return " ".join(f"{k}={_cli_value(v)}" for k, v in overrides.items()) or "(recipe)"
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return f"{value:.4f}"
+  return str(value)
+
+
+def write_results(rows: Sequence[dict], runs: Sequence[Run], workdir: str) -> None:
+  """results.csv (every column), results.md (a table) and results.png in `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in COLUMNS})
+  md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  md += ["| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in COLUMNS) + " |"
+         for row in rows]
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+  curves = {run.name: read_metrics(os.path.join(workdir, run.name)) for run in runs}
+  plot_results(rows, curves, os.path.join(workdir, "results.png"))
+
+
+def plot_results(rows: Sequence[dict], curves: Mapping[str, Mapping[int, dict]],
+                 path: str) -> None:
+  """PNG: linear top-1 per run (bars), and loss and probe top-1 against step per run."""
+  import matplotlib
+  matplotlib.use("Agg")  # Files only; no display on clusters.
+  from matplotlib import pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  names = [row["name"] for row in rows]
+  top1 = [row.get("linear_top1") or 0.0 for row in rows]
+  bars = axes[0].bar(range(len(names)), [100 * t for t in top1], color="tab:blue")
+  for bar, row in zip(bars, rows):
+    label = f"{100 * row['linear_top1']:.1f}" if row.get("linear_top1") is not None else row["status"]
+    axes[0].annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                     ha="center", va="bottom", fontsize=8)
+  axes[0].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+  axes[0].set(title="linear evaluation", ylabel="top-1 (%)")
+  for ax, key, title in ((axes[1], "loss", "BYOL loss"), (axes[2], "probe_top1",
+                                                           "online probe top-1 (train)")):
+    for name in names:
+      points = [(s, m[key]) for s, m in curves.get(name, {}).items() if m.get(key) is not None]
+      if points:
+        ax.plot(*zip(*points), label=name)
+    ax.set(title=title, xlabel="step")
+    if ax.lines:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def main_like(sweep_path: str, base: str, workdir: str, overrides: Sequence[str] = (),
+              print_commands: bool = False, pretrain_fn: PretrainFn | None = None,
+              eval_fn: EvalFn | None = None, print_fn: PrintFn = print) -> int:
+  """`byol-jax sweep SWEEP --base=RECIPE[:arg] --workdir=DIR [--print-commands] [--config.k=v]`.
+
+  Args:
+    sweep_path: experiments/<sweep>.py.
+    base: the recipe, 'configs/<recipe>.py[:arg]'.
+    workdir: the sweep's directory; run NAME goes to workdir/NAME.
+    overrides: command-line '--config.key=value' strings, applied to every run.
+    print_commands: print one shell command per run and run nothing.
+    pretrain_fn, eval_fn: injectable for tests (default: loop.pretrain, linear_eval.run).
+    print_fn: console output.
+
+  Returns:
+    The exit status: 0 when every run finished, 1 when one failed or was preempted.
+
+  Raises:
+    ValueError, FileNotFoundError: bad sweep, recipe or override, before any run starts.
+  """
+  cli_overrides = parse_cli_overrides(overrides)
+  base_config = apply_overrides(load_recipe(base), cli_overrides, "--config override")
+  runs = expand(load_sweep(sweep_path), base_config)
+  if print_commands:
+    for line in run_commands(runs, base, cli_overrides, workdir):
+      print_fn(line)
+    return 0
+  rows = run_sweep(runs, workdir, pretrain_fn or _default_pretrain,
+                   eval_fn or _default_linear_eval, print_fn)
+  print_fn(f"[sweep] results: {workdir}/results.md, results.csv, results.png")
+  return 0 if all(row["status"] == "done" for row in rows) else 1

@@ -1,0 +1,278 @@
+"""Sweeps: every experiments/ file expands over every recipe into valid configs whose changes
+are only the intended fields; bad overrides fail before any run; a sweep with fake
+pretrain / linear-eval functions writes the right table, skips finished runs, records a
+failure and goes on; --print-commands output parses back (through absl + config_flags, as
+the CLI will) into the same configs; the plot is a PNG."""
+import csv
+import json
+import os
+import pathlib
+import shlex
+import struct
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from byol_jax import augment
+from byol_jax import config as config_lib
+from byol_jax import optim
+from byol_jax import sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = {p.stem: str(p) for p in sorted((ROOT / "experiments").glob("*.py"))}
+RECIPES = [str(ROOT / "configs" / spec) for spec in (
+    "byol_imagenet.py", "byol_imagenet.py:r200x2-1000", "byol_imagenette.py",
+    "byol_cifar10.py:cpu", "byol_fashion_mnist.py")]
+SMOKE = str(ROOT / "configs" / "byol_fashion_mnist.py:smoke")
+# The only fields each ablation may change (prefixes of dotted names).
+INTENDED = {
+    "target_tau": ("target.",),
+    "predictor": ("model.use_predictor",),
+    "predictor_lr": ("target.", "optim.predictor_lr_multiplier"),
+    "normalisation": ("model.norm",),
+    "batch_size": ("batch_size",),
+    "augmentations": ("augment.view1.", "augment.view2."),
+}
+DEVICE_OPS = ("flip", "color_jitter", "grayscale", "blur", "solarize")
+
+
+def flat(c, prefix=""):
+  out = {}
+  for key, value in c.items():
+    if hasattr(value, "items"):
+      out.update(flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def test_every_experiment_file_has_intended_fields():
+  assert sorted(EXPERIMENTS) == sorted(INTENDED)
+
+
+@pytest.mark.parametrize("base", RECIPES)
+@pytest.mark.parametrize("experiment", sorted(INTENDED))
+def test_expansion_validates_and_changes_only_intended_fields(experiment, base):
+  base_config = sweep.load_recipe(base)
+  before = flat(base_config)
+  runs = sweep.expand(sweep.load_sweep(EXPERIMENTS[experiment]), base_config)
+  assert len({r.name for r in runs}) == len(runs) >= 2
+  for run in runs:
+    config_lib.validate(run.config)
+    after = flat(run.config)
+    assert after.keys() == before.keys()
+    changed = {k for k in after if after[k] != before[k]}
+    assert all(k.startswith(INTENDED[experiment]) for k in changed), (run.name, changed)
+    for key, value in run.overrides.items():
+      assert after[key] == value, (run.name, key)
+
+
+def runs_of(experiment, base=SMOKE):
+  runs = sweep.expand(sweep.load_sweep(EXPERIMENTS[experiment]), sweep.load_recipe(base))
+  return {r.name: r.config for r in runs}
+
+
+def tau_at(c, steps):
+  schedule = optim.tau_schedule(c.target.tau_base, config_lib.total_steps(c), c.target.schedule)
+  return np.array([float(schedule(s)) for s in steps])
+
+
+def test_tau_runs_follow_the_paper_definitions():
+  runs = runs_of("target_tau", RECIPES[0])
+  total = config_lib.total_steps(runs["tau_0"])
+  steps = [0, total // 2, total]
+  np.testing.assert_allclose(tau_at(runs["tau_0"], steps), 0.0)  # Stop-gradient of online.
+  np.testing.assert_allclose(tau_at(runs["tau_1"], steps), 1.0)  # Constant random network.
+  assert runs["tau_1_separate_init"].target.init == "separate"
+  # Cosine from tau_base to 1: 1 - (1 - 0.9)(cos(pi k / K) + 1) / 2 at k = 0, K/2, K.
+  np.testing.assert_allclose(tau_at(runs["tau_0.9"], steps), [0.9, 0.95, 1.0], atol=1e-3)
+  for name, c in runs_of("predictor_lr", RECIPES[0]).items():
+    np.testing.assert_allclose(tau_at(c, steps), 0.0, err_msg=name)  # No EMA target.
+
+
+def test_batch_size_runs_scale_the_peak_lr_linearly():
+  for name, c in runs_of("batch_size", RECIPES[0]).items():
+    b = int(name.split("_")[1])
+    assert c.batch_size == b
+    schedule = optim.learning_rate_schedule(c.optim.base_lr, c.batch_size,
+                                            config_lib.total_steps(c), config_lib.warmup_steps(c))
+    peak = float(schedule(config_lib.warmup_steps(c)))
+    assert peak == pytest.approx(0.3 * b / 256, rel=1e-5)
+
+
+# Device ops each augmentation run keeps (at the paper's probability); the rest are 0.
+KEPT_OPS = {"baseline": DEVICE_OPS, "no_grayscale": ("flip", "color_jitter", "blur", "solarize"),
+            "no_color": ("flip", "blur", "solarize"), "crop_blur_only": ("blur",),
+            "crop_color_only": ("color_jitter", "grayscale"), "crop_only": ()}
+
+
+def test_augmentation_runs_keep_only_their_ops():
+  runs = runs_of("augmentations")
+  assert sorted(runs) == sorted(KEPT_OPS)
+  for name, ops in KEPT_OPS.items():
+    for view in (1, 2):
+      paper = config_lib.view_preset(view)
+      for op in DEVICE_OPS:
+        prob = runs[name].augment[f"view{view}"][f"{op}_prob"]
+        assert prob == (paper[f"{op}_prob"] if op in ops else 0.0), (name, view, op)
+
+
+def test_crop_only_views_are_the_identity_on_the_device():
+  c = runs_of("augmentations")["crop_only"]
+  image = np.random.default_rng(0).uniform(size=(16, 16, 3)).astype(np.float32)
+  for view in ("view1", "view2"):
+    v = augment.view_config(c.augment[view])
+    for seed in range(3):
+      draws = augment.sample_view_draws(jax.random.PRNGKey(seed), v)
+      np.testing.assert_array_equal(augment.apply_view(image, draws, v), image)
+
+
+def write_sweep(folder, runs):
+  path = folder / "my_sweep.py"
+  path.write_text(f"def get_sweep():\n  return {runs!r}\n")
+  return str(path)
+
+
+class Fakes:
+  """Fake pretrain / linear-eval recording their calls; metrics derived from the config."""
+
+  def __init__(self, fail=(), preempt=()):
+    self.calls, self.fail, self.preempt = [], set(fail), set(preempt)
+
+  def pretrain(self, c, workdir, print_fn):
+    name = os.path.basename(workdir)
+    self.calls.append(("pretrain", name))
+    if name in self.fail:
+      raise RuntimeError(f"boom in {name}")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      for step in (1, 2, 3):
+        f.write(json.dumps(dict(step=step, loss=1.0 / step, collapse_std=c.target.tau_base / 10,
+                                probe_top1=0.1 * step)) + "\n")
+      f.write(json.dumps(dict(step=2, loss=0.45)) + "\n")  # A resume repeated step 2.
+      f.write(json.dumps(dict(step=3, eval_top1=0.625, eval_top5=0.9)) + "\n")
+    return dict(step=3, preempted=name in self.preempt)
+
+  def linear_eval(self, c, pretrained, workdir, print_fn):
+    self.calls.append(("linear", os.path.basename(pretrained)))
+    assert workdir == os.path.join(pretrained, "linear")
+    return dict(top1=0.5 + c.target.tau_base / 4, top5=0.875, lr=0.1)
+
+
+TAUS = [dict(name=f"t{i}", overrides={"target.tau_base": tau}) for i, tau in
+        enumerate((0.5, 0.9, 0.99))]
+
+
+def run_main(tmp_path, fakes, sweep_file, **kwargs):
+  return sweep.main_like(sweep_file, SMOKE, str(tmp_path / "out"), pretrain_fn=fakes.pretrain,
+                         eval_fn=fakes.linear_eval, print_fn=lambda line: None, **kwargs)
+
+
+def read_rows(tmp_path):
+  with open(tmp_path / "out" / "results.csv") as f:
+    return list(csv.DictReader(f))
+
+
+def test_sweep_tables_failures_and_rerun_skips_finished_runs(tmp_path):
+  sweep_file = write_sweep(tmp_path, TAUS)
+  fakes = Fakes(fail={"t1"})
+  assert run_main(tmp_path, fakes, sweep_file) == 1  # One failed: non-zero exit status.
+  assert fakes.calls == [("pretrain", "t0"), ("linear", "t0"), ("pretrain", "t1"),
+                         ("pretrain", "t2"), ("linear", "t2")]
+  rows = read_rows(tmp_path)
+  assert [r["name"] for r in rows] == ["t0", "t1", "t2"]
+  assert [r["status"] for r in rows] == ["done", "failed", "done"]
+  assert "boom in t1" in rows[1]["error"] and rows[1]["linear_top1"] == ""
+  for row, tau in ((rows[0], 0.5), (rows[2], 0.99)):
+    assert float(row["linear_top1"]) == pytest.approx(0.5 + tau / 4)
+    assert float(row["collapse_std"]) == pytest.approx(tau / 10)
+    assert float(row["loss"]) == pytest.approx(1 / 3)
+    assert (float(row["probe_top1"]), float(row["probe_eval_top1"])) == (pytest.approx(0.3), 0.625)
+    assert (row["step"], row["linear_top5"], row["linear_lr"]) == ("3", "0.875", "0.1")
+    assert row["overrides"] == f"target.tau_base={tau}"
+  md = (tmp_path / "out" / "results.md").read_text().splitlines()
+  assert len(md) == 2 + 3 and md[2].startswith("| t0 | done | 0.6250 |") and "| failed |" in md[3]
+  # Rerun: finished runs are skipped, the failed one runs again.
+  again = Fakes()
+  assert run_main(tmp_path, again, sweep_file) == 0
+  assert again.calls == [("pretrain", "t1"), ("linear", "t1")]
+  assert [r["status"] for r in read_rows(tmp_path)] == ["done"] * 3
+  assert float(read_rows(tmp_path)[0]["linear_top1"]) == pytest.approx(0.625)
+
+
+def test_preempted_run_stops_the_sweep(tmp_path):
+  fakes = Fakes(preempt={"t1"})
+  assert run_main(tmp_path, fakes, write_sweep(tmp_path, TAUS)) == 1
+  assert fakes.calls == [("pretrain", "t0"), ("linear", "t0"), ("pretrain", "t1")]
+  assert [r["status"] for r in read_rows(tmp_path)] == ["done", "preempted", "pending"]
+
+
+def test_finished_run_of_another_config_is_not_reused(tmp_path):
+  run_main(tmp_path, Fakes(), write_sweep(tmp_path, TAUS[:1]))
+  changed = [dict(name="t0", overrides={"target.tau_base": 0.7})]
+  fakes = Fakes()
+  assert run_main(tmp_path, fakes, write_sweep(tmp_path, changed)) == 1
+  assert fakes.calls == [] and "different config" in read_rows(tmp_path)[0]["error"]
+
+
+@pytest.mark.parametrize("runs,cli,message", [
+    ([dict(name="ok", overrides={}), dict(name="bad", overrides={"optim.base_lrr": 1.0})], (),
+     "'optim.base_lrr'"),
+    ([dict(name="ok", overrides={"nosection.x": 1})], (), "'nosection.x'"),
+    ([dict(name="ok", overrides={"model.norm": 3})], (), "'model.norm'"),
+    ([dict(name="ok", overrides={"model.norm": "layer"})], (), "model.norm"),
+    ([dict(name="ok", overrides={})], ("--config.target.tau_bse=0.5",), "'target.tau_bse'"),
+    ([dict(name="ok", overrides={})], ("--config.model.use_predictor=maybe",), "true or false"),
+    ([dict(name="a/b", overrides={})], (), "run name"),
+    ([dict(name="a", overrides={}), dict(name="a", overrides={})], (), "twice"),
+])
+def test_bad_sweep_or_override_fails_before_any_run(tmp_path, runs, cli, message):
+  fakes = Fakes()
+  with pytest.raises(ValueError, match=message):
+    run_main(tmp_path, fakes, write_sweep(tmp_path, runs), overrides=cli)
+  assert fakes.calls == [] and not (tmp_path / "out").exists()
+
+
+def parse_cli(argv):
+  """What `byol-jax CMD --config=... --config.k=v` would load, via absl + config_flags."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=["prog"] + argv)
+  for name in ("workdir", "pretrained"):
+    flags.DEFINE_string(name, None, "", flag_values=values)
+  values(["prog"] + argv)
+  return values
+
+
+def test_print_commands_parse_back_into_the_run_configs(tmp_path):
+  lines = []
+  status = sweep.main_like(EXPERIMENTS["augmentations"], SMOKE, str(tmp_path / "out"),
+                           overrides=["--config.seed=3"], print_commands=True,
+                           print_fn=lines.append)
+  assert status == 0 and not (tmp_path / "out").exists()  # Nothing ran.
+  expected = runs_of("augmentations")
+  assert len(lines) == len(expected)
+  for line, (name, c) in zip(lines, expected.items()):
+    pretrain, linear = (shlex.split(part) for part in line.split(" && "))
+    assert pretrain[:2] == ["byol-jax", "pretrain"] and linear[:2] == ["byol-jax", "linear-eval"]
+    run_dir = str(tmp_path / "out" / name)
+    parsed = parse_cli(pretrain[2:])
+    assert parsed.workdir == run_dir and parsed.config.seed == 3
+    c.unlock()
+    c.seed = 3
+    assert flat(parsed.config) == flat(c)
+    parsed = parse_cli(linear[2:])
+    assert (parsed.pretrained, parsed.workdir) == (run_dir, os.path.join(run_dir, "linear"))
+    assert flat(parsed.config) == flat(c)
+
+
+def test_plot_is_a_png_of_the_figure_size(tmp_path):
+  run_main(tmp_path, Fakes(), write_sweep(tmp_path, TAUS[:2]))
+  data = (tmp_path / "out" / "results.png").read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+  width, height = struct.unpack(">II", data[16:24])
+  assert (width, height) == (16 * 80, int(4.5 * 80))  # figsize x dpi.
+
