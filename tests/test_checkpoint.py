@@ -379,7 +379,7 @@ def _free_port():
 
 
 def test_checkpoints_move_between_1x4_2x2_and_1x1_topologies(tmp_path):
-  """1 process x 4 devices -> 2 x 2 -> 1 x 4 and 1 x 1, values identical everywhere."""
+  """1 process x 4 devices -> 2 x 2 -> 1 x 4 and 1 x 1, and 1 x 1 -> 1 x 1: values identical."""
   from_1x4, from_2x2 = tmp_path / "from_1x4", tmp_path / "from_2x2"
   with make_checkpointer(from_1x4) as ckpt:
     assert ckpt.save(5, replicated(host_state(5, 5)))
@@ -388,7 +388,7 @@ def test_checkpoints_move_between_1x4_2x2_and_1x1_topologies(tmp_path):
   step, state = restore(from_2x2)
   assert step == 10
   assert_state_equals(state, host_state(10, 10))
-  _run_children([("one_device", from_1x4, from_2x2)], devices=1)
+  _run_children([("one_device", from_1x4, from_2x2, tmp_path / "from_1x1")], devices=1)
 
 
 def test_save_killed_in_flight_leaves_previous_checkpoint_usable(tmp_path):
@@ -423,6 +423,10 @@ def _child_main(mode, *args):
     assert jax.device_count() == 1
     _child_restore(args[0], 5)
     _child_restore(args[1], 10)
+    # A single-device run must resume from its own checkpoints (the main CPU job).
+    with make_checkpointer(args[2]) as ckpt:
+      assert ckpt.save(7, replicated(host_state(7, 7)), force=True)
+    _child_restore(args[2], 7)
   elif mode == "killed_mid_save":
     ckpt = make_checkpointer(args[0])
     assert ckpt.save(5, replicated(host_state(5, 5, big=_BIG)))

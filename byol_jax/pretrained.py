@@ -1,0 +1,147 @@
+"""One place that turns "a pretrained thing on disk" into an encoder's weights.
+
+`load(path)` accepts a pretraining workdir (its newest intact checkpoint, read without
+writing anything), a byol_jax export (export.py's safetensors format) or a release
+checkpoint of the BYOL authors (.pkl, release.py), and returns the online encoder's
+parameters and batch-norm state under the names `networks.make_encoder_network` uses,
+with the model config needed to build that network.
+"""
+import json
+import os
+import struct
+from typing import Any, Mapping, NamedTuple
+
+import haiku as hk
+import jax
+import ml_collections
+import numpy as np
+
+from byol_jax import checkpoint
+from byol_jax import config as config_lib
+
+ENCODER_PREFIX = "encoder/"  # Top-level module of the encoder in every byol_jax network.
+SOURCES = ("workdir", "byol_jax", "release")
+
+
+class Pretrained(NamedTuple):
+  """A pretrained encoder, ready for `networks.make_encoder_network(model).apply`."""
+  model: ml_collections.ConfigDict  # The `model` section it was trained with.
+  params: hk.Params  # Encoder only, host NumPy arrays, 'encoder/~/...' module names.
+  state: hk.State  # Encoder batch-norm moving statistics, same naming.
+  image_size: int
+  channels: int
+  step: int  # Pretraining step it came from.
+  source: str  # One of SOURCES.
+
+
+def config_from_json(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A config from its config.json dict, on top of today's defaults.
+
+  JSON turns tuples into lists: a list where the schema holds a tuple becomes a tuple
+  again. Fields the saved run predates keep their defaults; fields the schema no longer has
+  are kept as saved.
+
+  Args:
+    saved: the parsed config.json of a workdir.
+
+  Returns:
+    An unlocked ConfigDict.
+  """
+  def merge(base: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+      current = base.get(key) if key in base else None
+      if isinstance(value, Mapping):
+        if not isinstance(current, ml_collections.ConfigDict):
+          base[key] = ml_collections.ConfigDict()
+        merge(base[key], value)
+      elif isinstance(value, list) and isinstance(current, tuple):
+        base[key] = tuple(value)
+      else:
+        base[key] = value
+  c = config_lib.base_config()
+  c.unlock()
+  merge(c, saved)
+  return c
+
+
+def encoder_subtree(tree: Mapping[str, Any]) -> dict:
+  """The 'encoder/...' modules of a Haiku params/state dict, as host NumPy arrays."""
+  return {module: {name: np.asarray(value) for name, value in leaves.items()}
+          for module, leaves in tree.items() if module.startswith(ENCODER_PREFIX)}
+
+
+def _saved_channels(layout: Any, workdir: str) -> int:
+  try:
+    return int(layout["online_params"]["encoder/~/initial_conv"]["w"].shape[2])
+  except (KeyError, TypeError, AttributeError, IndexError) as e:
+    raise ValueError(f"the checkpoint in {workdir} has no online_params['encoder/~/"
+                     f"initial_conv']['w'] ({e!r}); it was not written by byol-jax pretrain.")
+
+
+def load_workdir(workdir: str) -> Pretrained:
+  """The online encoder of a pretraining workdir's newest intact checkpoint (read-only).
+
+  Corrupt or unfinished newer steps are skipped with a logged error. Nothing is written
+  into the workdir.
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint. RuntimeError: none intact.
+  """
+  from byol_jax import train  # Local: train pulls in the optimiser stack.
+  config_path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} not found: {workdir} is not a pretraining workdir "
+                            "(byol-jax pretrain writes config.json beside checkpoints/).")
+  with open(config_path) as f:
+    c = config_from_json(json.load(f))
+  step = checkpoint.intact_step(workdir)
+  channels = _saved_channels(checkpoint.step_layout(workdir, step), workdir)
+  deps = train.make_deps(c)
+  template = jax.eval_shape(lambda key: train.init_state(c, deps, key, channels),
+                            jax.random.PRNGKey(0))
+  state = checkpoint.restore_step(workdir, step, template)
+  return Pretrained(model=c.model, params=encoder_subtree(state.online_params),
+                    state=encoder_subtree(state.online_state), image_size=int(c.image_size),
+                    channels=channels, step=step, source="workdir")
+
+
+def _file_kind(path: str) -> str | None:
+  with open(path, "rb") as f:
+    head = f.read(9)
+  if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+    return "release"  # Pickle protocol 2+ header; the authors' files use protocol 2.
+  if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 0:
+    return "byol_jax"  # safetensors: u64 header length, then a JSON header.
+  return None
+
+
+def load(path: str) -> Pretrained:
+  """Loads a pretrained encoder from a workdir, a byol_jax export or an authors' .pkl.
+
+  Args:
+    path: a pretraining workdir (its newest intact checkpoint; nothing is written), a
+      file written by `byol-jax export --format=byol_jax`, or a checkpoint of the BYOL
+      authors' release (.pkl, read by a restricted unpickler that runs no code).
+
+  Returns:
+    Pretrained with host NumPy params/state named as `networks.make_encoder_network`.
+
+  Raises:
+    FileNotFoundError: path missing, or a directory without config.json/checkpoints.
+    ValueError: a file of another type (named), e.g. a torchvision-format export.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"pretrained path {path} does not exist; pass a pretraining "
+                            "workdir, a byol_jax export (.safetensors) or an authors' .pkl.")
+  if os.path.isdir(path):
+    return load_workdir(path)
+  kind = _file_kind(path)
+  if kind == "byol_jax":
+    from byol_jax import export  # Local: export imports this module.
+    return export.read_export(path)
+  if kind == "release":
+    from byol_jax import release
+    return release.load_release(path)
+  raise ValueError(f"{path} is neither a safetensors export nor a pickle checkpoint; pass a "
+                   "pretraining workdir, a byol_jax export or an authors' release .pkl.")

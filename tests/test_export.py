@@ -1,0 +1,271 @@
+"""export.py: the byol_jax format reproduces the checkpoint's online encoder exactly, and the
+torchvision layout reproduces it in a torchvision-style PyTorch ResNet written here (torch
+only, no torchvision), loaded with strict=True.
+"""
+import json
+
+import jax
+import numpy as np
+import pytest
+import safetensors
+import torch
+from torch import nn
+
+from byol_jax import config as config_lib
+from byol_jax import export
+from byol_jax import networks
+from byol_jax import pretrained
+from test_pretrained import tiny_config, write_workdir
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("run")
+  c = tiny_config()
+  saved = write_workdir(root, c, channels=1, steps=[3])[3]
+  out = export.export(str(root), str(root.parent / "encoder.safetensors"), "byol_jax")
+  return c, saved, out
+
+
+@pytest.fixture(scope="module")
+def encoder(run):
+  return export.load_encoder(run[2])
+
+
+def test_byol_jax_export_matches_online_encoder_of_checkpoint_exactly(run, encoder):
+  c, saved, _ = run
+  assert (encoder.image_size, encoder.channels, encoder.dim) == (28, 1, 64)
+  images = np.random.RandomState(0).uniform(0, 1, (3, 28, 28, 1)).astype(np.float32)
+  net = networks.make_encoder_network(c.model)
+  # Same program as the Encoder's (weights as arguments, not constants): bitwise equal.
+  want, _ = jax.jit(lambda p, s, x: net.apply(p, s, None, x, is_training=False))(
+      saved.online_params, saved.online_state, images)
+  got = encoder(images)
+  assert isinstance(got, np.ndarray) and got.shape == (3, 64) and got.dtype == np.float32
+  np.testing.assert_array_equal(got, np.asarray(want))
+  # The target network differs from the online one, so the test can tell them apart.
+  other, _ = net.apply(saved.target_params, saved.target_state, None, images, is_training=False)
+  assert np.abs(np.asarray(other) - got).max() > 1e-3
+
+
+def test_uint8_and_float_images_give_the_same_representation(encoder):
+  pixels = np.random.RandomState(1).randint(0, 256, (2, 28, 28, 1)).astype(np.uint8)
+  np.testing.assert_allclose(encoder(pixels), encoder(pixels.astype(np.float32) / 255),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_export_file_is_safetensors_with_the_encoder_config(run):
+  c, saved, out = run
+  with safetensors.safe_open(out, framework="np") as f:
+    meta, keys = f.metadata(), set(f.keys())
+  header = json.loads(meta["config"])
+  assert meta["format"] == "byol_jax.encoder" and meta["format_version"] == "1"
+  assert (header["image_size"], header["channels"], header["step"]) == (28, 1, 3)
+  assert header["model"] == c.model.to_dict()
+  assert header["input_mean"] == [pytest.approx(np.mean(networks.IMAGE_MEAN))]
+  n_params = sum(len(v) for k, v in saved.online_params.items() if k.startswith("encoder/"))
+  assert sum(k.startswith("params:") for k in keys) == n_params
+  loaded = pretrained.load(out)
+  assert loaded.source == "byol_jax" and loaded.step == 3
+  want = {k: v for k, v in saved.online_state.items() if k.startswith("encoder/")}
+  layout = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+  assert layout(loaded.state) == layout(want)  # 0-d EMA counters stay 0-d.
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 32, 32, 1), np.float32), r"shape \(2, 32, 32, 1\).*\[N, 28, 28, 1\]"),
+    (np.zeros((28, 28, 1), np.float32), r"\[N, 28, 28, 1\]"),
+    (np.zeros((2, 28, 28, 1), np.int32), "dtype int32.*uint8"),
+    (np.full((2, 28, 28, 1), 255.0, np.float32), r"\[0, 1\].*divide 0-255 pixels by 255"),
+    (np.full((2, 28, 28, 1), np.nan, np.float32), r"\[0, 1\]"),
+])
+def test_bad_images_are_refused_with_the_fix(encoder, images, message):
+  with pytest.raises(ValueError, match=message):
+    encoder(images)
+
+
+def test_write_is_atomic_and_leaves_no_partial_file(run, tmp_path, monkeypatch):
+  out = tmp_path / "enc.safetensors"
+  out.write_bytes(b"previous")
+
+  def fail(fd):
+    raise OSError("disk full")
+  monkeypatch.setattr(export.os, "fsync", fail)
+  with pytest.raises(OSError, match="disk full"):
+    export.export(str(run[2]), str(out), "byol_jax")
+  assert out.read_bytes() == b"previous"
+  assert [p.name for p in tmp_path.iterdir()] == ["enc.safetensors"]
+
+
+def test_unknown_format_lists_the_valid_ones(run, tmp_path):
+  with pytest.raises(ValueError, match=r"'onnx'.*\['byol_jax', 'torchvision'\]"):
+    export.export(str(run[2]), str(tmp_path / "x"), "onnx")
+
+
+# ---------------------------------------------------------------- torchvision
+
+
+class BasicBlock(nn.Module):
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride, downsample):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.downsample = downsample
+
+  def forward(self, x):
+    out = torch.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride, downsample):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.downsample = downsample
+
+  def forward(self, x):
+    out = torch.relu(self.bn1(self.conv1(x)))
+    out = torch.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet(nn.Module):
+  """torchvision.models.ResNet's module tree and forward, fc included (as torchvision)."""
+
+  def __init__(self, block, layers):
+    super().__init__()
+    self.inplanes = 64
+    self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    self.bn1 = nn.BatchNorm2d(64)
+    self.maxpool = nn.MaxPool2d(3, 2, 1)
+    self.layer1 = self._make_layer(block, 64, layers[0], 1)
+    self.layer2 = self._make_layer(block, 128, layers[1], 2)
+    self.layer3 = self._make_layer(block, 256, layers[2], 2)
+    self.layer4 = self._make_layer(block, 512, layers[3], 2)
+    self.fc = nn.Linear(512 * block.expansion, 1000)
+
+  def _make_layer(self, block, planes, blocks, stride):
+    downsample = None
+    if stride != 1 or self.inplanes != planes * block.expansion:
+      downsample = nn.Sequential(
+          nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+          nn.BatchNorm2d(planes * block.expansion))
+    layers = [block(self.inplanes, planes, stride, downsample)]
+    self.inplanes = planes * block.expansion
+    layers += [block(self.inplanes, planes, 1, None) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+  def forward(self, x):
+    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.fc(torch.flatten(x.mean((2, 3)), 1))
+
+
+TORCH_ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+
+def random_pretrained(encoder_name, padding="symmetric", seed=0, **model):
+  """Pretrained with He-scaled random kernels and non-trivial random batch-norm values."""
+  c = config_lib.base_config()
+  c.model.update(dict(encoder=encoder_name, padding=padding, **model))
+  net = networks.make_encoder_network(c.model)
+  shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0),
+                                           np.zeros((1, 32, 32, 3), np.float32), True))
+  rng = np.random.RandomState(seed)
+
+  def fill(path, x):
+    name = jax.tree_util.keystr(path)
+    if "counter" in name:
+      return np.full(x.shape, 7, x.dtype)
+    if name.endswith("['w']"):
+      return rng.normal(0, np.sqrt(2.0 / np.prod(x.shape[:-1])), x.shape).astype(x.dtype)
+    if "scale" in name:  # Keeps activations O(1) through 16 residual blocks.
+      return rng.uniform(0.2, 0.7, x.shape).astype(x.dtype)
+    if "var_ema" in name:
+      return rng.uniform(0.5, 1.5, x.shape).astype(x.dtype)
+    return rng.normal(0, 0.2, x.shape).astype(x.dtype)
+  params, state = jax.tree_util.tree_map_with_path(fill, shapes)
+  return pretrained.Pretrained(c.model, params, state, 32, 3, 11, "workdir")
+
+
+def torch_representation(p, path, images):
+  block, layers = TORCH_ARCHS[p.model.encoder]
+  model = TorchResNet(block, layers)
+  model.fc = nn.Identity()
+  with safetensors.safe_open(path, framework="pt") as f:
+    meta = f.metadata()
+    state_dict = {k: f.get_tensor(k) for k in f.keys()}
+  model.load_state_dict(state_dict, strict=True)
+  model.eval()
+  mean, std = np.array(json.loads(meta["input_mean"])), np.array(json.loads(meta["input_std"]))
+  x = torch.from_numpy(((images - mean) / std).astype(np.float32).transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    return model(x).numpy(), meta
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_layout_matches_haiku_for_symmetric_padding(arch, tmp_path):
+  p = random_pretrained(arch)
+  out = export.write(p, str(tmp_path / f"{arch}.safetensors"), "torchvision")
+  images = np.random.RandomState(1).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+  want = export.Encoder(p)(images)
+  got, meta = torch_representation(p, out, images)
+  assert got.shape == want.shape == (2, networks.representation_dim(p.model))
+  assert np.abs(want).max() > 0.1  # Non-trivial activations reach the output.
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert (meta["arch"], meta["padding"], meta["source"]) == (arch, "symmetric", "workdir")
+  assert json.loads(meta["input_std"]) == pytest.approx(list(networks.IMAGE_STD))
+
+
+def test_torchvision_bn_counter_becomes_num_batches_tracked():
+  sd = export.torchvision_state_dict(random_pretrained("resnet18"))
+  assert sd["bn1.num_batches_tracked"].dtype == np.int64
+  assert int(sd["layer2.0.downsample.1.num_batches_tracked"]) == 7
+  assert sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
+  assert "fc.weight" not in sd
+
+
+@pytest.mark.parametrize("model, reason", [
+    (dict(resnet_v2=True), "resnet_v2=True"),
+    (dict(width=2.0), "model.width=2.0"),
+    (dict(stem="small"), "model.stem='small'"),
+    (dict(norm="group_ws"), "model.norm='group_ws'"),
+    (dict(norm="none"), "model.norm='none'"),
+    (dict(encoder="resnet200"), "model.encoder='resnet200'"),
+])
+def test_torchvision_refuses_what_it_cannot_express(model, reason, tmp_path):
+  c = config_lib.base_config()
+  c.model.update(model)
+  p = pretrained.Pretrained(c.model, {}, {}, 32, 3, 0, "workdir")
+  with pytest.raises(ValueError, match=f"cannot export to torchvision.*{reason}"):
+    export.write(p, str(tmp_path / "x"), "torchvision")
+  assert not (tmp_path / "x").exists()
+
+
+def test_torchvision_refuses_grayscale():
+  p = random_pretrained("resnet18")._replace(channels=1)
+  with pytest.raises(ValueError, match="channels=1; torchvision's ResNets take RGB"):
+    export.torchvision_state_dict(p)
+
+
+def test_same_padding_exports_with_a_recorded_note(tmp_path):
+  p = random_pretrained("resnet18", padding="same")
+  out = export.write(p, str(tmp_path / "same.safetensors"), "torchvision")
+  with safetensors.safe_open(out, framework="np") as f:
+    meta = f.metadata()
+  assert meta["padding"] == "same" and "symmetric" in meta["padding_note"]
+  with pytest.raises(ValueError, match="torchvision-format export.*--format=byol_jax"):
+    pretrained.load(out)  # PyTorch's file, not byol_jax's.

@@ -1,0 +1,197 @@
+"""The linear protocol and standalone kNN: optimiser maths against optax.sgd, a separable
+problem solved exactly, lr selection, results.json/knn.json written by the real entry
+points on a small Fashion-MNIST-format data set (features and augmented modes), clear
+errors for an encoder that does not fit the data."""
+import json
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fakes
+from byol_jax import config as config_lib
+from byol_jax import linear_eval
+from byol_jax import networks
+from byol_jax import pretrained as pretrained_lib
+from byol_jax import sources
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 8  # The 28-px fakes are resized to 8 px: the smallest compile.
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("fmnist")
+  fakes.write_fashion_mnist(root / "idx", n_train=64, n_test=12)
+  sources.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))
+  return str(root / "tfds")
+
+
+def recipe(data_dir, **linear):
+  sys.path.insert(0, str(ROOT / "configs"))
+  import byol_fashion_mnist
+  c = byol_fashion_mnist.get_config("smoke")
+  c.unlock()
+  c.image_size = IMAGE_SIZE
+  c.dataset.update(dict(data_dir=data_dir, num_train_examples=64, validation_examples=16))
+  c.linear.update(dict(dict(batch_size=16, num_epochs=2.0, learning_rates=(0.4, 0.05),
+                            mode="features"), **linear))
+  return config_lib.validate(c)
+
+
+@pytest.fixture(scope="module")
+def encoder(data_dir):
+  """A randomly initialised tiny encoder as `pretrained.load` would return it."""
+  model = recipe(data_dir).model
+  model.width = 0.0625
+  params, state = networks.make_encoder_network(model).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1)), is_training=True)
+  host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
+  return pretrained_lib.Pretrained(model=model, params=host(params), state=host(state),
+                                   image_size=IMAGE_SIZE, channels=1, step=123, source="workdir")
+
+
+def test_cosine_lr_hand_values():
+  assert float(linear_eval.cosine_lr(0, 100, 0.8)) == pytest.approx(0.8)
+  assert float(linear_eval.cosine_lr(50, 100, 0.8)) == pytest.approx(0.4)
+  assert float(linear_eval.cosine_lr(25, 100, 0.8)) == pytest.approx(0.4 * (1 + math.sqrt(0.5)))
+  assert float(linear_eval.cosine_lr(100, 100, 0.8)) == pytest.approx(0.0, abs=1e-7)
+  assert float(linear_eval.cosine_lr(150, 100, 0.8)) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_linear_update_equals_optax_sgd_nesterov_with_cosine_decay(weight_decay):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 16))
+  optimizer = linear_eval.make_optimizer(0.9, True, weight_decay)
+  lin = linear_eval.init_linear(6, 3, optimizer)
+  lin = lin._replace(params=dict(w=jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+                                 b=jnp.ones(3)))  # Non-zero: weight decay has work to do.
+  reference = optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=dict(w=True, b=False)),
+      optax.sgd(optax.cosine_decay_schedule(0.5, 5), momentum=0.9, nesterov=True))
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+
+  @jax.jit  # One compile for both four-step runs.
+  def both(lin):
+    ref_params, ref_state = lin.params, reference.init(lin.params)
+    for _ in range(4):
+      lin, _ = linear_eval.linear_update(lin, x, y, jnp.float32(0.5), jnp.int32(5),
+                                         optimizer=optimizer)
+      updates, ref_state = reference.update(jax.grad(loss)(ref_params), ref_state,
+                                            ref_params)
+      ref_params = optax.apply_updates(ref_params, updates)
+    return lin.params, ref_params
+
+  got, ref_params = both(lin)
+  for key in ("w", "b"):
+    np.testing.assert_allclose(got[key], ref_params[key], rtol=1e-5, atol=1e-6)
+
+
+def separable_problem(rng, n, dim=8, classes=3):
+  """Class means 6 apart on orthogonal axes, unit noise: a linear boundary separates
+  them with a margin (the Bayes error is ~1e-9)."""
+  y = rng.integers(0, classes, n)
+  x = rng.normal(size=(n, dim)) + 6.0 * np.eye(dim)[y]
+  return x.astype(np.float32), y.astype(np.int32)
+
+
+def test_trainer_on_features_separates_a_linearly_separable_problem():
+  rng = np.random.default_rng(0)
+  train_x, train_y = separable_problem(rng, 600)
+  test_x, test_y = separable_problem(rng, 300)
+  c = config_lib.base_config()
+  c.dataset.num_classes = 3
+  c.linear.update(dict(batch_size=64, num_epochs=10.0))
+  lines = []
+  trained = linear_eval.train_on_features(train_x, train_y, c, lr=0.2, print_fn=lines.append)
+  assert trained["steps"] == 10 * (600 // 64) and lines[-1].startswith("  lr 0.2: step 90/90")
+  assert linear_eval.accuracy(trained["params"], train_x, train_y)["top1"] == 1.0
+  assert linear_eval.accuracy(trained["params"], test_x, test_y)["top1"] == 1.0
+  # An untrained (lr 0) classifier predicts class 0 for everything: chance, not 100%.
+  untrained = linear_eval.train_on_features(train_x, train_y, c, lr=0.0, print_fn=lines.append)
+  assert linear_eval.accuracy(untrained["params"], test_x, test_y)["top1"] == pytest.approx(
+      np.mean(test_y == 0))
+
+
+def test_accuracy_top1_top5_hand_worked():
+  params = dict(w=np.eye(6, dtype=np.float32), b=np.zeros(6, np.float32))
+  x = np.array([[0, 5, 4, 3, 2, 1], [6, 5, 4, 3, 2, 1]], np.float32)  # Ranks: 1,2,3,4,5,0 / 0..5
+  assert linear_eval.accuracy(params, x, np.array([0, 5])) == dict(top1=0.0, top5=0.0)
+  assert linear_eval.accuracy(params, x, np.array([1, 4])) == dict(top1=0.5, top5=1.0)
+
+
+def test_select_learning_rate_picks_the_best_validation_score():
+  known = {0.4: 0.50, 0.3: 0.91, 0.2: 0.91, 0.1: 0.20}
+  seen = []
+  best, scores = linear_eval.select_learning_rate(
+      (0.4, 0.3, 0.2, 0.1), lambda lr: seen.append(lr) or known[lr])
+  assert best == 0.3 and scores == known and seen == [0.4, 0.3, 0.2, 0.1]
+  with pytest.raises(ValueError, match="learning_rates"):
+    linear_eval.select_learning_rate((), lambda lr: 0.0)
+
+
+def read_results(workdir, name):
+  assert not list(pathlib.Path(workdir).glob("*.tmp"))
+  return json.loads(pathlib.Path(workdir, name).read_text())
+
+
+def test_features_mode_end_to_end_writes_results(data_dir, encoder, tmp_path):
+  lines = []
+  result = linear_eval.run(recipe(data_dir), encoder, str(tmp_path), print_fn=lines.append)
+  saved = read_results(tmp_path, linear_eval.RESULTS_FILE)
+  assert saved == json.loads(json.dumps(result))
+  assert set(saved["val_top1"]) == {"0.4", "0.05"}
+  best = max(saved["val_top1"], key=lambda lr: (saved["val_top1"][lr], lr == "0.4"))
+  assert saved["learning_rate"] == float(best)
+  assert saved["effective_learning_rate"] == pytest.approx(float(best) * 16 / 256)
+  assert (saved["mode"], saved["train_examples"], saved["eval_examples"]) == ("features", 64, 12)
+  assert saved["steps"] == 2 * (64 // 16) and saved["epochs"] == 2.0
+  assert 0.0 <= saved["top1"] <= saved["top5"] <= 1.0
+  assert saved["pretrained_step"] == 123 and saved["config"]["linear"]["batch_size"] == 16
+  assert saved["elapsed_seconds"] > 0
+  assert list(tmp_path.glob("events.out.tfevents*"))
+  assert any("chosen base lr" in line for line in lines)
+
+
+def test_augmented_mode_end_to_end(data_dir, encoder, tmp_path):
+  c = recipe(data_dir, mode="augmented", num_epochs=1.0, learning_rates=(0.1,))
+  result = linear_eval.run(c, encoder, str(tmp_path), print_fn=lambda line: None)
+  saved = read_results(tmp_path, linear_eval.RESULTS_FILE)
+  assert saved["mode"] == "augmented" and saved["steps"] == 64 // 16
+  assert saved["learning_rate"] == 0.1 and list(saved["val_top1"]) == ["0.1"]
+  assert saved["train_examples"] == 64 and saved["top1"] == result["top1"]
+  assert math.isfinite(saved["final_train_loss"])
+
+
+def test_knn_run_writes_knn_json(data_dir, encoder, tmp_path):
+  c = recipe(data_dir)
+  c.knn.update(dict(k=5, train_examples=40))
+  result = linear_eval.knn_run(c, encoder, str(tmp_path), print_fn=lambda line: None)
+  saved = read_results(tmp_path, linear_eval.KNN_FILE)
+  assert saved == json.loads(json.dumps(result))
+  assert (saved["knn_train_examples"], saved["knn_eval_examples"], saved["k"]) == (40, 12, 5)
+  assert 0.0 <= saved["knn_top1"] <= saved["knn_top5"] <= 1.0
+
+
+def test_encoder_that_does_not_fit_the_data_is_refused(data_dir, encoder, tmp_path):
+  with pytest.raises(ValueError, match=r"trained on 8-px images.*--config.image_size=8"):
+    linear_eval.run(_with(recipe(data_dir), image_size=16), encoder, str(tmp_path))
+  with pytest.raises(ValueError, match=r"3-channel.*--config.dataset.channels=3"):
+    linear_eval.run(recipe(data_dir), encoder._replace(channels=3), str(tmp_path))
+  with pytest.raises(ValueError, match="linear.mode"):
+    linear_eval.run(recipe(data_dir, mode="fast"), encoder, str(tmp_path))
+  with pytest.raises(ValueError, match="linear.batch_size=128 exceeds the 48"):
+    linear_eval.run(recipe(data_dir, batch_size=128), encoder, str(tmp_path))
+  assert not (tmp_path / linear_eval.RESULTS_FILE).exists()
+
+
+def _with(c, **fields):
+  c.update(fields)
+  return c

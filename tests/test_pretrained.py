@@ -1,0 +1,164 @@
+"""pretrained.load on a pretraining workdir: the online encoder of the newest intact step,
+read without writing a byte; corrupt steps skipped; clear errors for what is not loadable.
+
+The workdir is written with the real Checkpointer from a TrainState whose every leaf is
+random (online and target differ), so a wrong step, tree or network half cannot pass.
+"""
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from byol_jax import checkpoint
+from byol_jax import parallel
+from byol_jax import pretrained
+from byol_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**model):
+  """The Fashion-MNIST smoke recipe (ResNet-18, width 1/8, small stem, 28 px)."""
+  sys.path.insert(0, str(ROOT / "configs"))
+  import byol_fashion_mnist
+  c = byol_fashion_mnist.get_config("smoke")
+  c.unlock()
+  c.model.update(model)
+  return c
+
+
+def random_state(c, channels, seed):
+  """A TrainState with the structure of init_state and random values in every leaf."""
+  template = jax.eval_shape(lambda k: train.init_state(c, train.make_deps(c), k, channels),
+                            jax.random.PRNGKey(0))
+  rng = np.random.RandomState(seed)
+
+  def fill(path, x):
+    name = jax.tree_util.keystr(path)
+    if np.issubdtype(x.dtype, np.integer):
+      return np.zeros(x.shape, x.dtype)
+    values = rng.uniform(0.5, 1.5, x.shape) if "var" in name else rng.normal(0, 0.3, x.shape)
+    return values.astype(x.dtype)
+  return jax.tree_util.tree_map_with_path(fill, template)
+
+
+def write_workdir(workdir, c, channels, steps, seed=0):
+  """Saves a random TrainState at each of `steps` (values differ per step) + config.json.
+
+  Returns:
+    {step: host TrainState} of what was saved.
+  """
+  saved = {}
+  with checkpoint.Checkpointer(str(workdir), every_steps=1, keep=len(steps)) as ckpt:
+    for i, step in enumerate(steps):
+      state = random_state(c, channels, seed + i)._replace(step=np.int32(step))
+      saved[step] = state
+      ckpt.save(step, parallel.replicate(state), force=True)
+  checkpoint.save_config(str(workdir), c)
+  return saved
+
+
+def snapshot(directory):
+  """Every path under directory with its bytes' sha256 (dirs: None) and mtime."""
+  out = {}
+  for root, dirs, files in os.walk(directory):
+    for name in dirs + files:
+      full = os.path.join(root, name)
+      digest = None
+      if os.path.isfile(full):
+        digest = hashlib.sha256(pathlib.Path(full).read_bytes()).hexdigest()
+      out[os.path.relpath(full, directory)] = (digest, os.stat(full).st_mtime_ns)
+  return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("run")
+  c = tiny_config()
+  return root, c, write_workdir(root, c, channels=1, steps=[2, 4])
+
+
+def assert_encoder_of(loaded, state):
+  want_params = {k: v for k, v in state.online_params.items() if k.startswith("encoder/")}
+  want_state = {k: v for k, v in state.online_state.items() if k.startswith("encoder/")}
+  assert want_params and set(loaded.params) == set(want_params)
+  assert set(loaded.state) == set(want_state)
+  for want, got in ((want_params, loaded.params), (want_state, loaded.state)):
+    for module in want:
+      assert set(got[module]) == set(want[module])
+      for name in want[module]:
+        assert isinstance(got[module][name], np.ndarray)
+        np.testing.assert_array_equal(got[module][name], want[module][name])
+
+
+def test_workdir_loads_online_encoder_of_newest_step(workdir):
+  root, c, saved = workdir
+  loaded = pretrained.load(str(root))
+  assert (loaded.step, loaded.source, loaded.channels, loaded.image_size) == (4, "workdir", 1, 28)
+  assert loaded.model.to_dict() == c.model.to_dict()
+  assert_encoder_of(loaded, saved[4])
+  # The encoder has batch-norm statistics and no projector/predictor/classifier weights.
+  assert any("mean_ema" in m for m in loaded.state)
+  assert not any(k.startswith(("projector", "predictor", "classifier")) for k in loaded.params)
+
+
+def test_loading_writes_nothing_into_the_workdir(workdir):
+  root, _, _ = workdir
+  before = snapshot(root)
+  pretrained.load(str(root))
+  assert snapshot(root) == before
+
+
+def test_corrupt_newest_step_is_skipped_loudly_and_left_in_place(workdir, tmp_path, caplog):
+  root, _, saved = workdir
+  tmp_path = tmp_path / "copy"
+  shutil.copytree(root, tmp_path)
+  step_dir = tmp_path / "checkpoints" / "4"
+  victim = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  victim.write_bytes(bytes(data))
+  before = snapshot(tmp_path)
+  with caplog.at_level(logging.ERROR):
+    loaded = pretrained.load(str(tmp_path))
+  assert loaded.step == 2
+  assert_encoder_of(loaded, saved[2])
+  assert "step 4" in caplog.text and "sha256" in caplog.text
+  assert snapshot(tmp_path) == before  # No quarantine directory, no config.json rewrite.
+
+
+def test_config_json_round_trip_restores_tuples(workdir):
+  root, c, _ = workdir
+  again = pretrained.config_from_json(json.loads((root / "config.json").read_text()))
+  assert isinstance(again.linear.learning_rates, tuple)
+  assert again.to_dict() == c.to_dict()
+
+
+def test_missing_path_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+    pretrained.load(str(tmp_path / "nowhere"))
+
+
+def test_directory_without_config_is_not_a_workdir(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json not found.*not a pretraining workdir"):
+    pretrained.load(str(tmp_path))
+
+
+def test_workdir_without_checkpoints_says_so(tmp_path):
+  checkpoint.save_config(str(tmp_path), tiny_config())
+  with pytest.raises(FileNotFoundError, match="no checkpoints in .*byol-jax pretrain"):
+    pretrained.load(str(tmp_path))
+
+
+def test_unknown_file_type_is_refused(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("not a checkpoint")
+  with pytest.raises(ValueError, match="neither a safetensors export nor a pickle"):
+    pretrained.load(str(path))
