@@ -568,7 +568,8 @@ def intact_step(workdir: str) -> int:
 
 
 def _item_dir(workdir: str, step: int) -> str:
-  return os.path.join(workdir, CHECKPOINT_DIR, str(step), "default")
+  # Orbax refuses relative paths; users pass --workdir=runs/x.
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "default")
 
 
 def step_layout(workdir: str, step: int) -> PyTree:

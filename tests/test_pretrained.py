@@ -109,6 +109,14 @@ def test_workdir_loads_online_encoder_of_newest_step(workdir):
   assert not any(k.startswith(("projector", "predictor", "classifier")) for k in loaded.params)
 
 
+def test_workdir_given_as_a_relative_path_loads(workdir, monkeypatch):
+  root, _, saved = workdir
+  monkeypatch.chdir(root.parent)
+  loaded = pretrained.load(root.name)  # As users type it: --pretrained=runs/x.
+  assert loaded.step == 4
+  assert_encoder_of(loaded, saved[4])
+
+
 def test_loading_writes_nothing_into_the_workdir(workdir):
   root, _, _ = workdir
   before = snapshot(root)
