@@ -1,10 +1,12 @@
-"""Host input pipelines (tf.data): pretrain, linear-train and eval batches.
+"""Host input pipelines (tf.data): pretrain, linear-train, fine-tune (a subset) and eval batches.
 
 Each pipeline takes this process's slice of a split from sources.open_split (tfds data
 sets with 'image' and 'label'; split names and aliases are documented there), decodes
 and crops on the host and yields NumPy batches shaped [local_devices, per_device_batch,
 ...] with uint8 images (normalised on the device: 4x fewer bytes to send than float32).
 Flips for pretraining, colour, blur and solarize happen on the device (augment.py).
+Fine-tuning reads a subset of a split chosen by example index, counted in tfds's stored
+order (example i is what `split[i:i+1]` gives); `split_labels` gives the labels to choose by.
 
 Corrupt images (truncated or unreadable files) are skipped, never fatal; the iterator's
 `skipped_images` counts them so the training loop can log it.
@@ -273,15 +275,23 @@ def _to_devices(ds, per_process: int, local_device_count: int):
 def _train_iterator(config, mode, split, process_index, process_count, local_device_count,
                     start_step, batch_size):
   deterministic = bool(config.dataset.deterministic)
-  per_process = _per_process_batch(batch_size or config.batch_size, process_count,
-                                   local_device_count)
   src = sources.open_split(config, split, process_index, process_count, deterministic)
   base = src.ds.cache() if src.small else src.ds
+  return _stream(config, mode, base, src.num_examples, src.small, src.channels,
+                 process_index, process_count, local_device_count, start_step, batch_size)
+
+
+def _stream(config, mode, base, num_examples, small, channels, process_index, process_count,
+            local_device_count, start_step, batch_size) -> InputIterator:
+  """Infinite shuffled, decoded, batched stream over `base` (this process's examples)."""
+  deterministic = bool(config.dataset.deterministic)
+  per_process = _per_process_batch(batch_size or config.batch_size, process_count,
+                                   local_device_count)
   buffer = int(config.dataset.get("shuffle_buffer", 0) or
-               (src.num_examples if src.small else max(1000, 10 * per_process)))
-  buffer = min(buffer, src.num_examples)
+               (num_examples if small else max(1000, 10 * per_process)))
+  buffer = min(buffer, num_examples)
   if deterministic:
-    n = src.num_examples
+    n = num_examples
     first = start_step * per_process
     base_key = tf.constant([config.seed, process_index], tf.int64)
 
@@ -295,7 +305,7 @@ def _train_iterator(config, mode, split, process_index, process_count, local_dev
     # Shuffling after repeat never drains the buffer at epoch ends (no refill stall).
     seed = hash((config.seed, process_index, start_step)) % (2**31)
     ds = base.repeat().shuffle(buffer, seed=seed)
-  ds = _decode_stream(ds, _make_transform(config, mode, process_index, src.channels))
+  ds = _decode_stream(ds, _make_transform(config, mode, process_index, channels))
   ds = _to_devices(ds, per_process, local_device_count)
   return InputIterator(ds.with_options(tf_data_options(config, deterministic)))
 
@@ -332,6 +342,97 @@ def linear_train_dataset(config, *, split: str | None = None, process_index: int
   """
   return _train_iterator(config, "linear", split, process_index, process_count,
                          local_device_count, start_step, batch_size)
+
+
+def _in_stored_order(config, split: str | None, decoders):
+  """The whole split (or alias) in tfds's stored order: example i is `split[i:i+1]`.
+
+  Returns (SplitSource of the whole split, for its checks and sizes; the dataset).
+  """
+  src = sources.open_split(config, split, deterministic=True)  # Clear errors, sizes.
+  builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir or None)
+  # One file at a time, in order: the order tfds's slicing (split[a:b]) counts in.
+  read_config = tfds.ReadConfig(try_autocache=False, interleave_cycle_length=1)
+  ds = builder.as_dataset(split=src.split, decoders=decoders, read_config=read_config,
+                          shuffle_files=False)
+  return src, ds
+
+
+def split_labels(config, split: str | None = None) -> np.ndarray:
+  """Labels of every example of a split in stored order (images are not decoded).
+
+  Args:
+    config: the run config (dataset.*).
+    split: tfds split string or alias; None: dataset.train_split.
+
+  Returns:
+    [N] int64, labels[i] the label of example i (the index `finetune_dataset` takes).
+  """
+  decoders = tfds.decode.PartialDecoding({"label": True})
+  _, ds = _in_stored_order(config, split, decoders)
+  ds = ds.map(lambda ex: ex["label"]).batch(8192)
+  return np.concatenate([np.asarray(b, np.int64) for b in tfds.as_numpy(ds)] or
+                        [np.zeros([0], np.int64)])
+
+
+def finetune_dataset(config, subset_indices, *, split: str | None = None,
+                     process_index: int = 0, process_count: int = 1, local_device_count: int,
+                     start_step: int = 0, batch_size: int | None = None) -> InputIterator:
+  """Infinite training batches of a subset of a split: one random-resized crop + flip.
+
+  Only the examples whose stored-order index (as `split_labels` counts) is in
+  `subset_indices` are read; the subset is cached in memory when it fits under
+  dataset.cache_max_bytes (estimated from the split's size), else re-read each epoch.
+  Each process takes every process_count-th subset example. Shuffling and (in
+  deterministic mode) resumption work as in `linear_train_dataset`.
+
+  Args:
+    config: the run config (dataset.*, image_size, seed, augment.crop_*).
+    subset_indices: [K] distinct int indices in [0, N) of the split's examples.
+    split: tfds split string or alias; None: dataset.train_split.
+    process_index, process_count, local_device_count, start_step: as `pretrain_dataset`.
+    batch_size: global batch size (default config.batch_size).
+
+  Returns:
+    An InputIterator of dicts: image [L, b, S, S, C] uint8, label [L, b] int32.
+  """
+  decoders = tfds.decode.PartialDecoding(
+      {"image": True, "label": True}, decoders={"image": tfds.decode.SkipDecoding()})
+  src, ds = _in_stored_order(config, split, decoders)
+  indices = np.unique(np.asarray(subset_indices, np.int64))
+  if indices.size != np.size(subset_indices) or indices.size == 0:
+    raise ValueError(f"subset_indices must be non-empty and distinct; got {np.size(subset_indices)} "
+                     f"indices, {indices.size} distinct.")
+  if indices[0] < 0 or indices[-1] >= src.total_examples:
+    raise ValueError(f"subset_indices must lie in [0, {src.total_examples}) (the size of split "
+                     f"{src.split!r}); found {indices[0]}..{indices[-1]}.")
+  if not 0 <= process_index < process_count or indices.size < process_count:
+    raise ValueError(f"process {process_index} of {process_count} cannot take a share of "
+                     f"{indices.size} subset examples.")
+  member = np.zeros([src.total_examples], bool)
+  member[indices] = True
+  member = tf.constant(member)
+
+  def in_subset(index, example):
+    del example
+    return tf.gather(member, index)
+
+  def drop_index(index, example):
+    del index
+    return example
+  ds = ds.enumerate().filter(in_subset).map(drop_index)
+  ds = ds.shard(process_count, process_index)
+  count = len(range(process_index, indices.size, process_count))
+  try:
+    split_bytes = int(tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir or None
+                                   ).info.splits[src.split].num_bytes)
+  except (KeyError, ValueError, AssertionError, TypeError):
+    split_bytes = 0  # Unknown: treat as small.
+  small = split_bytes * count / src.total_examples <= config.dataset.get(
+      "cache_max_bytes", sources.DEFAULT_CACHE_MAX_BYTES)
+  base = ds.cache() if small else ds
+  return _stream(config, "linear", base, count, small, src.channels, process_index,
+                 process_count, local_device_count, start_step, batch_size)
 
 
 def eval_dataset(config, split: str | None = None, *, process_index: int = 0,
