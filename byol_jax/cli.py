@@ -6,7 +6,9 @@ stderr.
 """
 import json
 import logging as std_logging
+import os
 import sys
+import traceback
 from typing import Callable
 
 from absl import flags
@@ -27,6 +29,10 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with 
                   "(Cloud TPU and SLURM/Open MPI detect the cluster themselves).")
 flags.DEFINE_integer("initialization_timeout", 300,
                      "Multi-host: seconds to wait for all processes to join.")
+flags.DEFINE_integer("heartbeat_timeout", 60,
+                     "Multi-host: seconds without a heartbeat after which a process counts as "
+                     "dead; then every other process is stopped with a non-zero status "
+                     "instead of waiting forever in a collective.")
 flags.DEFINE_string("source", None, "prepare-data: directory with the raw files.")
 flags.DEFINE_string("data_dir", None, "prepare-data: tfds data directory to write (default: "
                     "tfds's, ~/tensorflow_datasets or $TFDS_DATA_DIR).")
@@ -36,6 +42,8 @@ flags.DEFINE_integer("num_images", 8, "preview: training images (rows) to show."
 flags.DEFINE_integer("bench_steps", 5, "bench: timed steps per round.")
 flags.DEFINE_integer("bench_rounds", 3, "bench: alternating timing rounds.")
 flags.DEFINE_integer("channels", 3, "Image channels for benchmarks on synthetic data.")
+flags.DEFINE_float("memory_budget_gb", None, "bench memory: per-device budget in GiB (default: "
+                   "this host's available memory / local devices).")
 
 USAGE = """usage: byol-jax COMMAND [--flags]
 
@@ -49,6 +57,8 @@ commands:
                                        PNG grid: each image's two crops and augmented views
   bench step --config=FILE [--config.key=value ...]   time the BYOL update (one JSON line)
   bench input --config=FILE [--config.key=value ...]  time the input pipeline (one JSON line)
+  bench memory --config=FILE [--memory_budget_gb=G]   per-device bytes of the update and the
+                                       largest per-device batch that fits (one JSON line)
 """
 
 
@@ -64,14 +74,22 @@ def _config():
 
 
 def _maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize from flags, $JAX_* variables, or cluster auto-detection."""
-  import os
+  """jax.distributed.initialize from flags, $JAX_* variables, or cluster auto-detection.
+
+  Failure handling (jax's coordination service): every process sends heartbeats to the
+  service on process 0; one silent for --heartbeat_timeout seconds is declared dead and
+  every other process is terminated (non-zero status, "Terminating process because the
+  JAX distributed service detected fatal errors"); when process 0 itself dies, the others
+  terminate as soon as their next heartbeat fails.
+  """
   import jax
   address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if address is None and not FLAGS.distributed:
     return
+  timeouts = dict(initialization_timeout=FLAGS.initialization_timeout,
+                  heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
   if address is None:
-    jax.distributed.initialize(initialization_timeout=FLAGS.initialization_timeout)
+    jax.distributed.initialize(**timeouts)
     return
   num = FLAGS.num_processes or os.environ.get("JAX_NUM_PROCESSES")
   pid = FLAGS.process_id if FLAGS.process_id is not None else os.environ.get("JAX_PROCESS_ID")
@@ -79,8 +97,7 @@ def _maybe_initialize_distributed() -> None:
     raise UsageError("multi-host: with a coordinator address also give --num_processes and "
                      "--process_id (or $JAX_NUM_PROCESSES and $JAX_PROCESS_ID).")
   jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
-                             process_id=int(pid),
-                             initialization_timeout=FLAGS.initialization_timeout)
+                             process_id=int(pid), **timeouts)
 
 
 def _pretrain(args: list[str]) -> None:
@@ -138,8 +155,11 @@ def _bench(args: list[str]) -> None:
   elif what == "input":
     from byol_jax import bench_input
     figures = bench_input.input_benchmark(_config())
+  elif what == "memory":
+    from byol_jax import bench
+    figures = bench.memory_benchmark(_config(), FLAGS.memory_budget_gb, FLAGS.channels)
   else:
-    raise UsageError(f"unknown benchmark {what!r}; valid: ['input', 'step'].")
+    raise UsageError(f"unknown benchmark {what!r}; valid: ['input', 'memory', 'step'].")
   print(json.dumps(figures))
 
 
@@ -178,8 +198,20 @@ class _DropDeprecationNotices(std_logging.Filter):
     return "is deprecated" not in record.getMessage()
 
 
+def _exit_multiprocess_job(status: int) -> None:
+  """Exits at once when this is one process of several: a normal exit would wait in
+  jax.distributed.shutdown's barrier for peers that may be stuck in a collective; this
+  way the coordination service sees the process gone and stops the peers too."""
+  jax = sys.modules.get("jax")  # Not imported yet: no job to stop.
+  if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
-  """Console entry point: exit 0 on success, 2 with one stderr line on bad input."""
+  """Console entry point: exit 0 on success, 2 with one stderr line on bad input, 1 on
+  any other error (with its traceback)."""
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").addFilter(_DropDeprecationNotices())
   try:
@@ -187,4 +219,9 @@ def main(argv: list[str] | None = None) -> None:
   except (UsageError, ValueError, FileNotFoundError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"byol-jax: error: {first_line}", file=sys.stderr)
+    _exit_multiprocess_job(2)
     sys.exit(2)
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc()
+    _exit_multiprocess_job(1)
+    sys.exit(1)

@@ -5,6 +5,7 @@ maths is `train.update`. Metrics of step k are read while step k+1 runs, so the 
 never waits on the device except to log, evaluate or checkpoint.
 """
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -94,16 +95,77 @@ def _host_metrics(metrics: Any) -> dict:
   return {k: float(np.asarray(v)[0]) for k, v in jax.device_get(metrics).items()}
 
 
-def _agree_across_hosts(c: ml_collections.ConfigDict, start_step: int) -> None:
-  """Stops the job when processes disagree on where to start or on the config."""
+def _gather_bytes(payload: bytes) -> list[bytes]:
+  """Every process's `payload`, in process order (a collective: call on all processes)."""
+  sizes = multihost_utils.process_allgather(np.array([len(payload)], np.int64)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(payload)] = np.frombuffer(payload, np.uint8)
+  rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+  return [bytes(row[:n]) for row, n in zip(rows, sizes)]
+
+
+def config_disagreements(configs: list[dict]) -> list[str]:
+  """Fields whose value differs between processes' configs (nested dicts, process order).
+
+  Returns:
+    Lines "optim.base_lr: process 0 has 1.0, process 1 has 0.5", sorted by field.
+  """
+  def flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+      out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
+                 else {f"{prefix}{key}": value})
+    return out
+
+  flat = [flatten(c) for c in configs]
+  fields = sorted(set().union(*flat))
+  lines = []
+  for field in fields:
+    values = [f.get(field, "<absent>") for f in flat]
+    if any(v != values[0] for v in values):
+      lines.append(f"{field}: " + ", ".join(f"process {i} has {v!r}" for i, v in enumerate(values)))
+  return lines
+
+
+def _agree_on_config(c: ml_collections.ConfigDict) -> None:
+  """Stops every process, before anything is written, when their configs differ."""
   if jax.process_count() == 1:
     return
-  digest = np.frombuffer(config_lib.config_hash(c).encode()[:32].ljust(32), np.uint8)
-  try:
-    multihost_utils.assert_equal(np.concatenate([digest.astype(np.int64), [start_step]]),
-                                 "processes disagree on the config or the start step")
-  except AssertionError as e:
-    raise ValueError(f"{e}: every process must run the same command on the same workdir.")
+  mine = json.dumps(checkpoint.config_to_dict(c), sort_keys=True).encode()
+  everyone = _gather_bytes(mine)
+  if any(other != everyone[0] for other in everyone):
+    lines = config_disagreements([json.loads(b) for b in everyone])
+    raise ValueError(
+        "processes disagree on the config: " + "; ".join(lines[:5]) +
+        (" ..." if len(lines) > 5 else "") + ". Every process must run the same command "
+        "(same recipe and --config.* overrides).")
+
+
+def _agree_on_start(start_step: int) -> None:
+  """Stops every process when they restored different steps (e.g. unshared workdirs)."""
+  if jax.process_count() == 1:
+    return
+  steps = multihost_utils.process_allgather(np.array([start_step], np.int64)).reshape(-1)
+  if len(set(steps.tolist())) > 1:
+    raise ValueError(
+        "processes disagree on the step to resume from: " +
+        ", ".join(f"process {i} at step {s}" for i, s in enumerate(steps.tolist())) +
+        ". Every process must see the same --workdir (a shared file system).")
+
+
+def _close_after_local_failure(ckpt: checkpoint.Checkpointer) -> None:
+  """Cleans up after an error that may have happened on this process only.
+
+  With one process the pending save is finished. With several, closing would wait at a
+  barrier for peers that are blocked in the step's collectives and never arrive; the
+  process must exit instead, and the coordination service then stops the peers
+  (cli.py's --heartbeat_timeout bounds how long that takes).
+  """
+  if jax.process_count() == 1:
+    ckpt.close()
+  else:
+    logging.error("process %d failed; exiting without waiting for the other processes.",
+                  jax.process_index())
 
 
 def _evaluate(c, eval_fn, state) -> dict:
@@ -129,6 +191,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
     NonFiniteError, CollapseError: see Guards. ValueError: bad config or workdir.
   """
   config_lib.validate(c)
+  _agree_on_config(c)  # Before any work, and before the Checkpointer writes config.json.
   total = config_lib.total_steps(c)
   parallel.per_device_batch(c.batch_size)  # Fails early with both numbers.
   deps = train.make_deps(c)
@@ -141,7 +204,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
   if restored is not None:
     state = restored[1]
     logging.info("resumed from step %d of %s", start, workdir)
-  _agree_across_hosts(c, start)
+  _agree_on_start(start)
   source = data.pretrain_dataset(c, process_index=jax.process_index(),
                                  process_count=jax.process_count(),
                                  local_device_count=jax.local_device_count(), start_step=start)
@@ -182,8 +245,13 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
       if pending is not None:
         consume(pending)
       ckpt.save(step, state, force=True)
-    finally:
-      ckpt.close()
+    except (NonFiniteError, CollapseError):
+      ckpt.close()  # Every process raises these at the same step: metrics are global means.
+      raise
+    except BaseException:
+      _close_after_local_failure(ckpt)
+      raise
+    ckpt.close()
   preempted = step < total
   result = dict(last, step=step, preempted=preempted)
   if not preempted:

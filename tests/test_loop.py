@@ -3,6 +3,7 @@ data set the tests write, resume, exact resume after SIGKILL, SIGTERM, guards, C
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 
 import chex
 import jax
+import numpy as np
 import pytest
 
 import fakes
@@ -205,3 +207,92 @@ def test_missing_data_set_says_how_to_prepare_it(tmp_path):
   c = smoke_config(str(tmp_path / "empty"))
   with pytest.raises(FileNotFoundError, match="prepare-data fashion_mnist"):
     loop.pretrain(c, str(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------- non-finite batches
+
+
+class _NanInjector:
+  """Wraps a pretraining iterator: float32 views in [0, 1], all-NaN view1 at chosen steps.
+
+  The update takes float views as well as uint8 ones; NaN cannot be a uint8, so every
+  batch is float32 (one compiled update for the good and the bad batches).
+  """
+
+  def __init__(self, source, start_step, nan_steps):
+    self._source, self._step, self._nan_steps = source, start_step, set(nan_steps)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = dict(next(self._source))
+    self._step += 1  # The batch of optimiser step self._step.
+    for view in ("view1", "view2"):
+      batch[view] = batch[view].astype(np.float32) / 255.0
+    if self._step in self._nan_steps:
+      batch["view1"] = np.full_like(batch["view1"], np.nan)
+    return batch
+
+  @property
+  def skipped_images(self):
+    return self._source.skipped_images
+
+
+def _inject_nans(monkeypatch, nan_steps):
+  real = loop.data.pretrain_dataset
+
+  def pretrain_dataset(c, **kwargs):
+    return _NanInjector(real(c, **kwargs), kwargs.get("start_step", 0), nan_steps)
+
+  monkeypatch.setattr(loop.data, "pretrain_dataset", pretrain_dataset)
+
+
+def _restore_step(workdir, c, step, scratch):
+  """The checkpoint of `step` (a copy of workdir without the newer steps, restored)."""
+  copy = pathlib.Path(scratch, f"upto_{step}")
+  shutil.copytree(workdir, copy)
+  for d in (copy / "checkpoints").iterdir():
+    if d.name.isdigit() and int(d.name) > step:
+      shutil.rmtree(d)
+  got, state = restore_final(copy, c)
+  assert got == step
+  return state
+
+
+_NAN_RUN = {"num_steps": 6, "dataset.deterministic": True, "log.every_steps": 1}
+
+
+def test_nan_batch_is_skipped_logged_and_never_checkpointed(data_dir, tmp_path, monkeypatch):
+  _inject_nans(monkeypatch, {3})
+  c = smoke_config(data_dir, **_NAN_RUN, **{"checkpoint.every_steps": 1, "checkpoint.keep": 10})
+  workdir = tmp_path / "run"
+  result = loop.pretrain(c, str(workdir), print_fn=lambda line: None)
+  assert result["step"] == 6 and result["nonfinite_total"] == 1
+  logged = {m["step"]: m for m in read_metrics(workdir) if "loss" in m}
+  assert [logged[k]["nonfinite"] for k in range(1, 7)] == [0, 0, 1, 0, 0, 0]
+  assert [logged[k]["nonfinite_total"] for k in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+  states = {k: _restore_step(workdir, c, k, tmp_path) for k in (2, 3, 4)}
+  for state in states.values():
+    assert checkpoint.nonfinite_leaves(state) == []
+  # Step 3 consumed its batch (the counter moves on) but changed nothing else: the state
+  # is the state of step 2, bit for bit, as if that batch had never been drawn.
+  assert int(states[3].step) == 3
+  chex.assert_trees_all_equal(states[3]._replace(step=states[2].step), states[2])
+  # Training went on from there: step 4 updated the parameters again.
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_equal(states[4].online_params, states[3].online_params)
+
+
+def test_k_nan_steps_in_a_row_stop_the_job_with_a_finite_checkpoint(data_dir, tmp_path, monkeypatch):
+  _inject_nans(monkeypatch, {3, 4})
+  c = smoke_config(data_dir, **_NAN_RUN, **{"checkpoint.every_steps": 2,
+                                           "monitor.max_nonfinite_steps": 2})
+  with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite steps ending at step 4"):
+    loop.pretrain(c, str(tmp_path), print_fn=lambda line: None)
+  # Step 4's guard fired before its save: the newest checkpoint is step 2, intact and finite.
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2]
+  step, state = restore_final(tmp_path, c)
+  assert step == 2 and checkpoint.nonfinite_leaves(state) == []
+  logged = [m for m in read_metrics(tmp_path) if "loss" in m]
+  assert logged[-1]["step"] == 3 and logged[-1]["nonfinite_total"] == 1

@@ -1,0 +1,92 @@
+"""Tests of bench.py's memory benchmark: XLA's per-device figures of the compiled update,
+the batch search against a budget, and donation of the old state's buffers.
+
+One UpdateMemory (the smoke recipe at 16 px, 4 fake devices) is shared by all tests so
+each per-device batch size is compiled once.
+"""
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from byol_jax import bench
+from byol_jax import parallel
+from byol_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHANNELS = 1
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def analyse():
+  sys.path.insert(0, str(ROOT / "configs"))
+  import byol_fashion_mnist
+  c = byol_fashion_mnist.get_config("smoke")
+  c.unlock()
+  c.image_size = SIZE
+  return bench.UpdateMemory(c, CHANNELS)
+
+
+def test_bytes_grow_with_batch_by_the_batch_arguments(analyse):
+  small, large = analyse(2), analyse(4)
+  assert large["temp_bytes"] > small["temp_bytes"] > 0
+  # Arguments are state + batch + key: two more examples add two uint8 views and labels.
+  extra = 2 * (2 * SIZE * SIZE * CHANNELS + 4)
+  assert large["argument_bytes"] - small["argument_bytes"] == extra
+  assert large["batch_bytes"] - small["batch_bytes"] == extra
+  # The update donates its state: every output but the metrics is written into it.
+  state_bytes = sum(int(np.prod(x.shape[1:])) * np.dtype(x.dtype).itemsize
+                    for x in jax.tree_util.tree_leaves(analyse.state_shapes))
+  assert small["alias_bytes"] == state_bytes
+  assert small["total_bytes"] == (small["argument_bytes"] + small["output_bytes"] -
+                                  small["alias_bytes"] + small["temp_bytes"] +
+                                  2 * small["batch_bytes"])
+
+
+def test_reported_largest_batch_fits_and_next_power_of_two_does_not(analyse):
+  budget = (analyse(2)["total_bytes"] + analyse(4)["total_bytes"]) // 2
+  # resolution=2 stops the bisection before batch 3 (one compile fewer).
+  found = bench.largest_fitting_batch(lambda b: analyse(b)["total_bytes"], budget, start=2,
+                                      resolution=2)
+  largest = found["largest"]
+  assert (largest, found["smallest_failing"]) == (2, 4)
+  assert analyse(largest)["total_bytes"] <= budget
+  next_power = 1 << largest.bit_length()
+  assert analyse(next_power)["total_bytes"] > budget
+
+
+@pytest.mark.parametrize("budget, start, largest, failing", [
+    (100, 8, 100, 101),  # Doubling 8 -> 128, then bisection to the exact bound.
+    (100, 300, 100, 101),  # Start above the budget: halving, then bisection.
+    (0, 4, 0, 1),  # Nothing fits.
+])
+def test_search_finds_the_bound_of_a_linear_cost(budget, start, largest, failing):
+  found = bench.largest_fitting_batch(lambda b: b, budget, start=start, resolution=1)
+  assert (found["largest"], found["smallest_failing"]) == (largest, failing)
+
+
+def test_search_stops_at_its_evaluation_cap():
+  calls = []
+  found = bench.largest_fitting_batch(lambda b: calls.append(b) or 0, 10, start=1,
+                                      max_evaluations=5)
+  assert len(calls) == found["evaluations"] == 5 and found["smallest_failing"] is None
+  assert found["largest"] == 16
+
+
+def test_update_deletes_the_old_state_buffers(analyse):
+  compiled = analyse.compiled[2]  # The executable the figures describe.
+  c, deps = analyse.c, analyse.deps
+  state = parallel.replicate(train.init_state(c, deps, jax.random.PRNGKey(0), CHANNELS))
+  rng = np.random.default_rng(0)
+  shape = (jax.local_device_count(), 2, SIZE, SIZE, CHANNELS)
+  batch = parallel.shard(dict(view1=rng.integers(0, 256, shape, np.uint8),
+                              view2=rng.integers(0, 256, shape, np.uint8),
+                              label=np.zeros(shape[:2], np.int32)))
+  old = jax.tree_util.tree_leaves(state)
+  new_state, _ = compiled(state, batch, jax.random.PRNGKey(1))
+  assert all(x.is_deleted() for x in old)
+  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(new_state))
+  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(batch))
