@@ -7,6 +7,7 @@ stderr.
 import json
 import logging as std_logging
 import os
+import pickle
 import sys
 import traceback
 from typing import Callable
@@ -42,6 +43,17 @@ flags.DEFINE_integer("num_images", 8, "preview: training images (rows) to show."
 flags.DEFINE_integer("bench_steps", 5, "bench: timed steps per round.")
 flags.DEFINE_integer("bench_rounds", 3, "bench: alternating timing rounds.")
 flags.DEFINE_integer("channels", 3, "Image channels for benchmarks on synthetic data.")
+flags.DEFINE_string("pretrained", None, "linear-eval/knn/finetune: a pretraining workdir, a "
+                    "byol_jax export (.safetensors) or an authors' release checkpoint (.pkl).")
+flags.DEFINE_string("from_release", None, "export: an authors' release checkpoint (.pkl) "
+                    "to convert instead of --workdir.")
+flags.DEFINE_enum("format", "byol_jax", ["byol_jax", "torchvision"],
+                  "export: byol_jax (safetensors + config, for byol_jax.export.load_encoder) "
+                  "or torchvision (ResNet state dict, safetensors).")
+flags.DEFINE_string("base", None, "sweep: the recipe every run starts from, "
+                    "configs/<recipe>.py[:arg].")
+flags.DEFINE_bool("print_commands", False, "sweep: print one shell command per run (for a "
+                  "cluster launcher) and run nothing.")
 flags.DEFINE_float("memory_budget_gb", None, "bench memory: per-device budget in GiB (default: "
                    "this host's available memory / local devices).")
 
@@ -59,6 +71,15 @@ commands:
   bench input --config=FILE [--config.key=value ...]  time the input pipeline (one JSON line)
   bench memory --config=FILE [--memory_budget_gb=G]   per-device bytes of the update and the
                                        largest per-device batch that fits (one JSON line)
+  linear-eval --config=FILE --pretrained=PATH --workdir=DIR
+                                       linear protocol on the frozen encoder -> DIR/results.json
+  knn --config=FILE --pretrained=PATH --workdir=DIR   kNN (k=20, cosine) -> DIR/knn.json
+  finetune --config=FILE --pretrained=PATH --workdir=DIR [--config.finetune.label_fraction=0.1]
+                                       semi-supervised fine-tuning on a labelled subset
+  export (--workdir=DIR | --from_release=FILE.pkl) --out=PATH [--format=byol_jax|torchvision]
+                                       the online encoder for transfer
+  sweep experiments/FILE.py --base=configs/RECIPE.py[:arg] --workdir=DIR [--print_commands]
+        [--config.key=value ...]       run or resume every run of a sweep, evaluate, tabulate
 """
 
 
@@ -163,7 +184,53 @@ def _bench(args: list[str]) -> None:
   print(json.dumps(figures))
 
 
+def _require(**named) -> None:
+  missing = [f"--{name}" for name, value in named.items() if not value]
+  if missing:
+    raise UsageError(f"{' and '.join(missing)} required; see `byol-jax help`.")
+
+
+def _evaluation(module_name: str, function: str):
+  def command(args: list[str]) -> None:
+    if args:
+      raise UsageError(f"unexpected positional arguments {args}.")
+    _require(pretrained=FLAGS.pretrained, workdir=FLAGS.workdir)
+    c = _config()
+    import importlib
+    module = importlib.import_module(f"byol_jax.{module_name}")
+    getattr(module, function)(c, FLAGS.pretrained, FLAGS.workdir)
+  return command
+
+
+def _export(args: list[str]) -> None:
+  if args:
+    raise UsageError(f"unexpected positional arguments {args}.")
+  if bool(FLAGS.workdir) == bool(FLAGS.from_release):
+    raise UsageError("export needs exactly one of --workdir=DIR (a pretraining run) and "
+                     "--from_release=FILE.pkl (an authors' release checkpoint).")
+  _require(out=FLAGS.out)
+  from byol_jax import export
+  path = export.export(FLAGS.workdir or FLAGS.from_release, FLAGS.out, FLAGS.format)
+  print(f"wrote {path} ({FLAGS.format} format)")
+
+
+def _sweep(args: list[str], overrides: list[str]) -> None:
+  if len(args) != 1:
+    raise UsageError("usage: byol-jax sweep experiments/FILE.py --base=configs/RECIPE.py "
+                     "--workdir=DIR [--print_commands] [--config.key=value ...]")
+  _require(base=FLAGS.base, workdir=FLAGS.workdir)
+  from byol_jax import sweep
+  status = sweep.main_like(args[0], FLAGS.base, FLAGS.workdir, overrides=overrides,
+                           print_commands=FLAGS.print_commands)
+  if status:
+    raise SystemExit(status)
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "linear-eval": _evaluation("linear_eval", "run"),
+    "knn": _evaluation("linear_eval", "knn_run"),
+    "finetune": _evaluation("finetune", "run"),
+    "export": _export,
     "pretrain": _pretrain,
     "prepare-data": _prepare_data,
     "preview": _preview,
@@ -171,9 +238,24 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 }
 
 
+def _underscored(arg: str) -> str:
+  """'--from-release=x' -> '--from_release=x': absl flag names use underscores."""
+  if not arg.startswith("--") or arg.startswith("--config"):
+    return arg
+  name, eq, value = arg[2:].partition("=")
+  return "--" + name.replace("-", "_") + eq + value
+
+
 def run(argv: list[str]) -> None:
   """Parses `argv` (program name first) and runs the subcommand; raises on bad input."""
   FLAGS.unparse_flags()  # Each run starts from the defaults (run() may be called repeatedly).
+  argv = [_underscored(a) for a in argv]
+  sweep_overrides = []
+  if "sweep" in argv[1:2]:
+    # A sweep has no --config file of its own: its --config.key=value flags apply to every
+    # run and go to the sweep, not to absl.
+    sweep_overrides = [a for a in argv if a.startswith("--config.")]
+    argv = [a for a in argv if not a.startswith("--config.")]
   try:
     positional = FLAGS(argv)
   except flags.Error as e:
@@ -183,11 +265,17 @@ def run(argv: list[str]) -> None:
                      "those of the recipe (see byol_jax/config.py).") from None
   except TypeError as e:  # ml_collections: a value of the wrong type for its field.
     raise UsageError(f"bad --config.* value: {e}") from None
-  if len(positional) < 2 or positional[1] in ("help", "-h", "--help"):
-    raise UsageError("no command given.\n" + USAGE)
+  if len(positional) >= 2 and positional[1] in ("help", "-h", "--help"):
+    print(USAGE)
+    return
+  if len(positional) < 2:
+    raise UsageError("no command given; `byol-jax help` lists the commands.")
   command = positional[1]
+  if command == "sweep":
+    _sweep(positional[2:], sweep_overrides)
+    return
   if command not in COMMANDS:
-    raise UsageError(f"unknown command {command!r}; valid: {sorted(COMMANDS)}.")
+    raise UsageError(f"unknown command {command!r}; valid: {sorted(COMMANDS) + ['sweep']}.")
   COMMANDS[command](positional[2:])
 
 
@@ -216,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
   std_logging.getLogger("absl").addFilter(_DropDeprecationNotices())
   try:
     run(list(sys.argv if argv is None else argv))
-  except (UsageError, ValueError, FileNotFoundError) as e:
+  except (UsageError, ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"byol-jax: error: {first_line}", file=sys.stderr)
     _exit_multiprocess_job(2)

@@ -35,8 +35,35 @@ def test_prepare_data_image_folder_builds_a_loadable_tfds_data_set(tmp_path, cap
     (["pretrain", "--config=configs/byol_fashion_mnist.py:smoke"], "--workdir is required"),
     (["bench", "gpu", "--config=configs/byol_fashion_mnist.py:smoke"], "unknown benchmark 'gpu'"),
     (["preview"], "--out=views.png"),
+    (["linear-eval", "--config=configs/byol_fashion_mnist.py:smoke", "--workdir=x"],
+     "--pretrained required"),
+    (["knn", "--config=configs/byol_fashion_mnist.py:smoke", "--pretrained=x"],
+     "--workdir required"),
+    (["finetune", "--pretrained=x", "--workdir=y"], "--config is required"),
+    (["export", "--out=x"], "exactly one of --workdir=DIR"),
+    (["export", "--workdir=x", "--from-release=y.pkl", "--out=z"], "exactly one of"),
+    (["export", "--workdir=x"], "--out required"),
+    (["sweep", "experiments/predictor.py", "--workdir=x"], "--base required"),
+    (["sweep", "--base=configs/byol_fashion_mnist.py", "--workdir=x"], "usage: byol-jax sweep"),
 ])
 def test_usage_errors_name_the_fix(argv, message):
   with pytest.raises(cli.UsageError) as error:
     cli.run(["byol-jax", *argv])
   assert message in str(error.value)
+
+
+def test_help_lists_every_command(capsys):
+  cli.run(["byol-jax", "help"])
+  out = capsys.readouterr().out
+  for command in list(cli.COMMANDS) + ["sweep"]:
+    assert f"  {command} " in out
+
+
+def test_sweep_print_commands_takes_config_overrides_and_dashed_flag(tmp_path, capsys):
+  cli.run(["byol-jax", "sweep", "experiments/predictor.py",
+           "--base=configs/byol_fashion_mnist.py", f"--workdir={tmp_path}", "--print-commands",
+           "--config.num_epochs=1"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 and not list(tmp_path.iterdir())  # Printed, ran nothing.
+  assert all("--config.num_epochs=1" in line and "byol-jax linear-eval" in line for line in lines)
+  assert "--config.model.use_predictor=false" in lines[1]
