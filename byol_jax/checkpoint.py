@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from byol_jax import files as file_io
 from byol_jax import parallel
 
 PyTree = Any
@@ -190,23 +191,13 @@ def _files_under(directory: str) -> list[str]:
   return sorted(f for f in found if f != MANIFEST_FILE)
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  # A reader sees the old file or the new one, never a half-written one.
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def write_manifest(step_dir: str) -> None:
   """Writes MANIFEST_FILE: relative path -> {sha256, bytes} for every other file of step_dir."""
   files = {rel: {"sha256": _sha256(os.path.join(step_dir, rel)),
                  "bytes": os.path.getsize(os.path.join(step_dir, rel))}
            for rel in _files_under(step_dir)}
-  _write_json_atomic(os.path.join(step_dir, MANIFEST_FILE),
-                     {"format": _MANIFEST_FORMAT, "files": files})
+  file_io.write_json_atomic(os.path.join(step_dir, MANIFEST_FILE),
+                           {"format": _MANIFEST_FORMAT, "files": files})
 
 
 def verify_manifest(step_dir: str) -> str | None:
@@ -302,7 +293,7 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes workdir/config.json atomically (process 0 only)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))
+    file_io.write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))
 
 
 # ---------------------------------------------------------------- manager

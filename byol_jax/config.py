@@ -140,10 +140,15 @@ def base_config() -> ml_collections.ConfigDict:
       momentum=0.9,  # SGD with Nesterov momentum.
       nesterov=True,
       weight_decay=0.0,
+      # True: standardise each feature with the training features' mean and std before the
+      # classifier ('features' mode only). Not in the paper (default False); MAE-style
+      # probes do the same with a non-affine batch norm. It only rescales the inputs, so the
+      # classifier stays linear in the representation.
+      standardize=False,
       # Chosen on the validation split carved from train (dataset.validation_examples),
       # then the chosen one is retrained on all of train and reported on dataset.eval_split.
       learning_rates=(0.4, 0.3, 0.2, 0.1, 0.05),
-      every_epochs=1.0,  # Log train loss this often.
+      every_epochs=10.0,  # Log the train loss this often.
   ))
   # Semi-supervised fine-tuning of the whole encoder on a labelled subset.
   c.finetune = ml_collections.ConfigDict(dict(
@@ -157,8 +162,10 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.0,
   ))
   # kNN monitor on frozen features: cosine similarity, temperature-weighted votes.
+  # every_steps: during pretraining, every N steps and at the end (0: never); the bank is
+  # the first train_examples of the train split (0: all of it), the queries the eval split.
   c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, every_steps=0,
-                                         train_examples=0))  # 0: all of train.
+                                         train_examples=0))
   return c
 
 

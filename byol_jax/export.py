@@ -30,6 +30,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from byol_jax import files
 from byol_jax import networks
 from byol_jax import pretrained as pretrained_lib
 
@@ -261,16 +262,7 @@ def write(p: pretrained_lib.Pretrained, out: str, fmt: str = "byol_jax") -> str:
   data = safetensors.numpy.save(tensors, metadata=meta)
   out = os.fspath(out)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = f"{out}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  files.write_bytes_atomic(out, data)
   return out
 
 

@@ -37,6 +37,7 @@ import optax
 from byol_jax import augment
 from byol_jax import config as config_lib
 from byol_jax import data
+from byol_jax import files
 from byol_jax import losses
 from byol_jax import networks
 from byol_jax import optim
@@ -126,16 +127,6 @@ def read_subset_file(path: str, num_examples: int) -> np.ndarray:
   if not seen:
     raise ValueError(f"{path} lists no example index.")
   return np.sort(np.fromiter(seen, np.int64, len(seen)))
-
-
-def _write_atomic(path: str, text: str) -> None:
-  # Readers see the old file or the whole new one, never a partial one.
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------- the network
@@ -328,7 +319,7 @@ def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
       f" on {subset.size} of {num_train} train examples for {total} steps")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    _write_atomic(os.path.join(workdir, SUBSET_FILE), "".join(f"{i}\n" for i in subset))
+    files.write_text_atomic(os.path.join(workdir, SUBSET_FILE), "".join(f"{i}\n" for i in subset))
 
   deps = make_deps(c.model, c.dataset.num_classes, ft, total, c.precision)
   state = parallel.replicate(init_state(deps, pretrained.params, pretrained.state,
@@ -358,7 +349,7 @@ def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
                       source=pretrained.source),
       config=c.to_dict())
   if jax.process_index() == 0:
-    _write_atomic(os.path.join(workdir, RESULTS_FILE),
+    files.write_text_atomic(os.path.join(workdir, RESULTS_FILE),
                   json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
   say(f"fine-tuned: test top-1 {scores['top1']:.2%}, top-5 {scores['top5']:.2%} on "
       f"{scores['examples']} examples ({results['elapsed_seconds']:.0f} s)")

@@ -13,7 +13,6 @@ Validation and test features never change (frozen encoder, centre crop), so both
 extract them once. Results go to results.json (knn.json for kNN), written atomically.
 """
 import functools
-import json
 import os
 import time
 from typing import Callable, NamedTuple
@@ -28,6 +27,7 @@ from byol_jax import augment
 from byol_jax import config as config_lib
 from byol_jax import data
 from byol_jax import evaluate
+from byol_jax import files
 from byol_jax import losses
 from byol_jax import networks
 from byol_jax import parallel
@@ -246,21 +246,14 @@ def load_checked(c: ml_collections.ConfigDict, pretrained) -> pretrained_lib.Pre
   return p
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-  """Writes JSON to path.tmp, fsyncs, renames: readers never see a partial file."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _check_linear(c: ml_collections.ConfigDict) -> None:
   if c.linear.mode not in MODES:
     raise ValueError(f"config.linear.mode={c.linear.mode!r} is not valid; choose one of "
                      f"{list(MODES)}.")
   parallel.per_device_batch(c.linear.batch_size)
+  if c.linear.standardize and c.linear.mode != "features":
+    raise ValueError("config.linear.standardize=True needs config.linear.mode='features' (the "
+                     "statistics come from the precomputed training features).")
   if c.linear.num_epochs <= 0:
     raise ValueError(f"config.linear.num_epochs={c.linear.num_epochs} must be > 0.")
 
@@ -270,22 +263,33 @@ def _source_name(pretrained) -> str:
       pretrained.source)
 
 
-def _make_trainer(c, p, encoder, params, state, val, features, print_fn):
-  """train(split, lr) -> dict(params, steps, examples, final_loss) for linear.mode.
+def standardizer(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+  """f(z) = (z - mean(x)) / std(x) per feature (std floored at 1e-6), from features x [N, D]."""
+  mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+  return lambda z: ((z - mean) / std).astype(np.float32)
 
-  split is 'train_minus_val' (the sweep) or dataset.train_split (the final run).
+
+def _make_trainer(c, p, encoder, params, state, val, features, print_fn):
+  """(train(split, lr) -> dict(params, steps, examples, final_loss), transform).
+
+  split is 'train_minus_val' (the sweep) or dataset.train_split (the final run); transform
+  maps evaluation features the way the training features were mapped (linear.standardize).
   """
   optimizer = make_optimizer(c.linear.momentum, c.linear.nesterov, c.linear.weight_decay)
   if c.linear.mode == "features":
     sweep = features("train_minus_val")
+    transform = standardizer(sweep[0]) if c.linear.standardize else (lambda z: z)
+    sweep = (transform(sweep[0]), sweep[1])
     # 'val_from_train' is the head of train and 'train_minus_val' the rest (sources.py).
     splits = {"train_minus_val": sweep, c.dataset.train_split:
-              (np.concatenate([val[0], sweep[0]]), np.concatenate([val[1], sweep[1]]))}
+              (np.concatenate([transform(val[0]), sweep[0]]), np.concatenate([val[1], sweep[1]]))}
     epoch_fn = _make_features_epoch(optimizer)
-    return lambda split, lr: train_on_features(*splits[split], c, lr, print_fn, epoch_fn)
+    return (lambda split, lr: train_on_features(*splits[split], c, lr, print_fn, epoch_fn),
+            transform)
   step_fn = make_pmapped_augmented_step(encoder, optimizer)
   dim = networks.representation_dim(p.model)
-  return lambda split, lr: train_augmented(c, step_fn, params, state, dim, split, lr, print_fn)
+  return (lambda split, lr: train_augmented(c, step_fn, params, state, dim, split, lr, print_fn),
+          lambda z: z)
 
 
 def run(c: ml_collections.ConfigDict, pretrained, workdir: str,
@@ -321,7 +325,9 @@ def run(c: ml_collections.ConfigDict, pretrained, workdir: str,
            f"{_source_name(pretrained)} (step {p.step}); extracting features...")
   val_x, val_y = features("val_from_train")
   test_x, test_y = features(c.dataset.eval_split)
-  train = _make_trainer(c, p, encoder, params, state, (val_x, val_y), features, print_fn)
+  train, transform = _make_trainer(c, p, encoder, params, state, (val_x, val_y), features,
+                                   print_fn)
+  val_x, test_x = transform(val_x), transform(test_x)
   print_fn(f"features ready: {len(val_x)} validation, {len(test_x)} test examples "
            f"({time.monotonic() - start:.1f}s)")
 
@@ -359,7 +365,7 @@ def _write_outputs(workdir: str, result: dict, filename: str, prefix: str) -> No
   with writers.MetricWriter(workdir, max(1, result.get("steps", 1)),
                             print_fn=lambda line: None) as writer:
     writer.write(result.get("steps", 0), scalars)
-  write_json_atomic(os.path.join(workdir, filename), result)
+  files.write_json_atomic(os.path.join(workdir, filename), result)
 
 
 def knn_run(c: ml_collections.ConfigDict, pretrained, workdir: str,

@@ -175,6 +175,11 @@ def _evaluate(c, eval_fn, state) -> dict:
   return evaluate.probe_accuracy(eval_fn, state.online_params, state.online_state, batches)
 
 
+def _knn(c, knn_fn, state) -> dict:
+  """kNN monitor (knn.*) on the online encoder: train split as the bank, eval split queried."""
+  return evaluate.knn_monitor(c, knn_fn, state.online_params, state.online_state)
+
+
 def pretrain(c: ml_collections.ConfigDict, workdir: str,
              print_fn: Callable[[str], None] | None = None) -> dict:
   """Runs (or resumes) pretraining of config `c` in `workdir` to config_lib.total_steps(c).
@@ -211,6 +216,8 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
   batches = data.device_prefetch(source)
   update = train.make_pmapped_update(deps)
   eval_fn = evaluate.make_pmapped_probe_eval(deps.forward)
+  knn_fn = (evaluate.make_pmapped_features(deps.forward, "representation")
+            if c.knn.every_steps else None)
   writer = writers.MetricWriter(workdir, total, images_per_step=c.batch_size, print_fn=print_fn)
   guards = Guards(c.monitor.max_nonfinite_steps, c.monitor.collapse_threshold,
                   c.monitor.collapse_patience, c.monitor.stop_on_collapse)
@@ -242,6 +249,8 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
         ckpt.save(step, state)
         if c.eval.every_steps and step % c.eval.every_steps == 0 and step < total:
           writer.write(step, _evaluate(c, eval_fn, state))
+        if knn_fn is not None and step % c.knn.every_steps == 0 and step < total:
+          writer.write(step, _knn(c, knn_fn, state))
       if pending is not None:
         consume(pending)
       ckpt.save(step, state, force=True)
@@ -256,6 +265,8 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
   result = dict(last, step=step, preempted=preempted)
   if not preempted:
     final_eval = _evaluate(c, eval_fn, state)
+    if knn_fn is not None:
+      final_eval.update(_knn(c, knn_fn, state))
     writer.write(step, final_eval)
     result.update(final_eval)
   writer.close()

@@ -33,3 +33,24 @@ def write_fashion_mnist(folder, n_train=12, n_test=5, seed=0):
     write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, compress)
     arrays[split] = (images, labels)
   return arrays
+
+
+def fashion_mnist_tfds(root, n_train=64, n_test=12) -> str:
+  """Writes fake Fashion-MNIST idx files under root/idx and builds them as a tfds data set
+  under root/tfds (with byol_jax's own `prepare_fashion_mnist`); returns that data_dir."""
+  from byol_jax import sources
+  root = pathlib.Path(root)
+  write_fashion_mnist(root / "idx", n_train=n_train, n_test=n_test)
+  sources.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))
+  return str(root / "tfds")
+
+
+def set_fields(c, overrides):
+  """Sets dotted config fields, {'optim.base_lr': 0.5, ...}, on an unlocked ConfigDict."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return c

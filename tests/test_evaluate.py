@@ -4,7 +4,6 @@ import math
 
 import chex
 import jax
-import ml_collections
 import numpy as np
 import pytest
 

@@ -49,13 +49,7 @@ def recipe(data_dir, **overrides):
   # 0.25 of classes of 6-7 examples: 2 each, 20 in all; 0.8 epochs of 20 at batch 8: 2 steps.
   c.finetune.update(dict(label_fraction=0.25, batch_size=BATCH, num_epochs=0.8,
                          learning_rate=LR, momentum=MOMENTUM))
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config_lib.validate(c)
+  return config_lib.validate(fakes.set_fields(c, overrides))
 
 
 def tiny_model():

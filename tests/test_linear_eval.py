@@ -18,7 +18,6 @@ from byol_jax import config as config_lib
 from byol_jax import linear_eval
 from byol_jax import networks
 from byol_jax import pretrained as pretrained_lib
-from byol_jax import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 8  # The 28-px fakes are resized to 8 px: the smallest compile.
@@ -26,10 +25,7 @@ IMAGE_SIZE = 8  # The 28-px fakes are resized to 8 px: the smallest compile.
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("fmnist")
-  fakes.write_fashion_mnist(root / "idx", n_train=64, n_test=12)
-  sources.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))
-  return str(root / "tfds")
+  return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))
 
 
 def recipe(data_dir, **linear):
@@ -120,6 +116,31 @@ def test_trainer_on_features_separates_a_linearly_separable_problem():
       np.mean(test_y == 0))
 
 
+def test_standardizer_uses_training_statistics():
+  x = np.array([[1.0, 10.0], [3.0, 10.0], [5.0, 10.0]], np.float32)
+  f = linear_eval.standardizer(x)
+  np.testing.assert_allclose(f(x)[:, 0], (x[:, 0] - 3.0) / np.std(x[:, 0]), rtol=1e-6)
+  np.testing.assert_allclose(f(x)[:, 1], 0.0)  # Constant feature: std floored, no NaN.
+  np.testing.assert_allclose(f(np.array([[7.0, 12.0]]))[0], [4.0 / np.std(x[:, 0]), 2e6],
+                             rtol=1e-5)
+
+
+def test_standardized_training_ignores_per_feature_scale_and_offset():
+  """With linear.standardize, rescaling and shifting each feature changes nothing."""
+  rng = np.random.default_rng(1)
+  x, y = separable_problem(rng, 256)
+  c = config_lib.base_config()
+  c.dataset.num_classes = 3
+  c.linear.update(dict(batch_size=64, num_epochs=3.0))
+  scale = 10.0 ** rng.uniform(-2, 2, x.shape[1])
+  offset = rng.uniform(-50, 50, x.shape[1])
+  runs = []
+  for feats in (x, x * scale + offset):
+    z = linear_eval.standardizer(feats)(feats)
+    runs.append(linear_eval.train_on_features(z, y, c, lr=0.1, print_fn=lambda line: None))
+  np.testing.assert_allclose(runs[0]["params"]["w"], runs[1]["params"]["w"], atol=1e-4)
+
+
 def test_accuracy_top1_top5_hand_worked():
   params = dict(w=np.eye(6, dtype=np.float32), b=np.zeros(6, np.float32))
   x = np.array([[0, 5, 4, 3, 2, 1], [6, 5, 4, 3, 2, 1]], np.float32)  # Ranks: 1,2,3,4,5,0 / 0..5
@@ -142,9 +163,11 @@ def read_results(workdir, name):
   return json.loads(pathlib.Path(workdir, name).read_text())
 
 
-def test_features_mode_end_to_end_writes_results(data_dir, encoder, tmp_path):
+@pytest.mark.parametrize("standardize", [False, True])
+def test_features_mode_end_to_end_writes_results(data_dir, encoder, tmp_path, standardize):
   lines = []
-  result = linear_eval.run(recipe(data_dir), encoder, str(tmp_path), print_fn=lines.append)
+  result = linear_eval.run(recipe(data_dir, standardize=standardize), encoder, str(tmp_path),
+                           print_fn=lines.append)
   saved = read_results(tmp_path, linear_eval.RESULTS_FILE)
   assert saved == json.loads(json.dumps(result))
   assert set(saved["val_top1"]) == {"0.4", "0.05"}
@@ -187,6 +210,9 @@ def test_encoder_that_does_not_fit_the_data_is_refused(data_dir, encoder, tmp_pa
     linear_eval.run(recipe(data_dir), encoder._replace(channels=3), str(tmp_path))
   with pytest.raises(ValueError, match="linear.mode"):
     linear_eval.run(recipe(data_dir, mode="fast"), encoder, str(tmp_path))
+  with pytest.raises(ValueError, match="standardize=True needs config.linear.mode='features'"):
+    linear_eval.run(recipe(data_dir, mode="augmented", standardize=True), encoder,
+                    str(tmp_path))
   with pytest.raises(ValueError, match="linear.batch_size=128 exceeds the 48"):
     linear_eval.run(recipe(data_dir, batch_size=128), encoder, str(tmp_path))
   assert not (tmp_path / linear_eval.RESULTS_FILE).exists()

@@ -19,7 +19,6 @@ from byol_jax import checkpoint
 from byol_jax import config as config_lib
 from byol_jax import loop
 from byol_jax import parallel
-from byol_jax import sources
 from byol_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,10 +27,7 @@ RECIPE = str(ROOT / "configs" / "byol_fashion_mnist.py")
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("fmnist")
-  fakes.write_fashion_mnist(root / "idx", n_train=64, n_test=12)
-  sources.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))
-  return str(root / "tfds")
+  return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))
 
 
 def smoke_config(data_dir, **overrides):
@@ -41,13 +37,7 @@ def smoke_config(data_dir, **overrides):
   c.unlock()
   c.dataset.data_dir = data_dir
   c.dataset.num_train_examples = 64
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config_lib.validate(c)
+  return config_lib.validate(fakes.set_fields(c, overrides))
 
 
 def read_metrics(workdir):
@@ -64,10 +54,14 @@ def restore_final(workdir, c):
 
 
 def test_pretrain_logs_checkpoints_evaluates_and_resumes(data_dir, tmp_path):
-  c = smoke_config(data_dir)
+  c = smoke_config(data_dir, **{"knn.every_steps": 2, "knn.k": 5})
   result = loop.pretrain(c, str(tmp_path), print_fn=lambda line: None)
   assert result["step"] == 4 and not result["preempted"]
   assert 0.0 <= result["eval_top1"] <= 1.0 and result["eval_examples"] == 12
+  # The kNN monitor ran every 2 steps: the whole train split as its bank, test queried.
+  knn = [m for m in read_metrics(tmp_path) if "knn_top1" in m]
+  assert [m["step"] for m in knn] == [2, 4] and result["knn_top1"] == knn[-1]["knn_top1"]
+  assert all((m["knn_train_examples"], m["knn_eval_examples"]) == (64, 12) for m in knn)
   steps = [m["step"] for m in read_metrics(tmp_path) if "loss" in m]
   assert steps == [1, 2, 3, 4]
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]

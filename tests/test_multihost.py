@@ -30,7 +30,6 @@ import pytest
 import fakes
 from byol_jax import checkpoint
 from byol_jax import loop
-from byol_jax import sources
 
 # test_loop's helpers: the smoke config on the data set the tests write, restoring.
 from test_loop import RECIPE, ROOT, restore_final, smoke_config
@@ -41,10 +40,7 @@ _CHILD_FLAGS = ("--xla_force_host_platform_device_count=2 --xla_backend_optimiza
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("fmnist")
-  fakes.write_fashion_mnist(root / "idx", n_train=64, n_test=12)
-  sources.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))
-  return str(root / "tfds")
+  return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))
 
 
 def _free_port() -> int:
