@@ -15,7 +15,10 @@ per image as width 1/8 with the small stem it has a 4x wider representation (256
 the representation's width mattered most in these seed-0 runs (linear top-1 on the test split,
 2 CPU cores): width 1/8 small stem, 3 epochs: 71.4% (19 min); width 1/4 ImageNet stem, 6 epochs:
 74.4% (15.9 min); width 1/2 ImageNet stem, 3 epochs: 81.2% (~25 min at ~120 images/s).
-RESULT_PLACEHOLDER
+This recipe (2 epochs, 468 steps, seed 0): 19 min pretraining at ~120 images/s, then linear
+top-1 79.18% / top-5 99.50% on the test split (base lr 0.05 chosen on validation: 81.04%),
+online probe 64.38%; a random encoder of the same architecture: 67.30%. The goal of
+>= 88% in ~15 minutes is not reached yet.
 """
 from byol_jax import config as config_lib
 
