@@ -44,7 +44,8 @@ flags.DEFINE_integer("bench_steps", 5, "bench: timed steps per round.")
 flags.DEFINE_integer("bench_rounds", 3, "bench: alternating timing rounds.")
 flags.DEFINE_integer("channels", 3, "Image channels for benchmarks on synthetic data.")
 flags.DEFINE_string("pretrained", None, "linear-eval/knn/finetune: a pretraining workdir, a "
-                    "byol_jax export (.safetensors) or an authors' release checkpoint (.pkl).")
+                    "byol_jax export (.safetensors), an authors' release checkpoint (.pkl), or "
+                    "'random' (the recipe's encoder with random weights: the baseline).")
 flags.DEFINE_string("from_release", None, "export: an authors' release checkpoint (.pkl) "
                     "to convert instead of --workdir.")
 flags.DEFINE_enum("format", "byol_jax", ["byol_jax", "torchvision"],
@@ -73,6 +74,7 @@ commands:
                                        largest per-device batch that fits (one JSON line)
   linear-eval --config=FILE --pretrained=PATH --workdir=DIR
                                        linear protocol on the frozen encoder -> DIR/results.json
+                                       (--pretrained=random: the random-encoder baseline)
   knn --config=FILE --pretrained=PATH --workdir=DIR   kNN (k=20, cosine) -> DIR/knn.json
   finetune --config=FILE --pretrained=PATH --workdir=DIR [--config.finetune.label_fraction=0.1]
                                        semi-supervised fine-tuning on a labelled subset

@@ -364,7 +364,7 @@ def run(c: ml_collections.ConfigDict, pretrained: str, workdir: str,
     c: the recipe config (dataset.*, image_size, finetune.*, seed, log.*, precision); its
       `model` section is replaced by the pretrained encoder's.
     pretrained: a pretraining workdir, a byol_jax export or an authors' release .pkl
-      (anything `pretrained.load` reads).
+      (anything `pretrained.load` reads), or 'random' (`pretrained.random_init`).
     workdir: where results.json, subset.txt, metrics.jsonl and TensorBoard events go.
     print_fn: console output (default print).
 
@@ -379,4 +379,4 @@ def run(c: ml_collections.ConfigDict, pretrained: str, workdir: str,
     FileNotFoundError: the pretrained path or subset file does not exist.
   """
   from byol_jax import pretrained as pretrained_lib  # Local: it pulls in the checkpoint stack.
-  return finetune(c, pretrained_lib.load(pretrained), workdir, print_fn, pretrained)
+  return finetune(c, pretrained_lib.resolve(c, pretrained), workdir, print_fn, pretrained)

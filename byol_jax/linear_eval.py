@@ -228,12 +228,12 @@ def select_learning_rate(learning_rates, score_fn: Callable[[float], float]):
 
 
 def load_checked(c: ml_collections.ConfigDict, pretrained) -> pretrained_lib.Pretrained:
-  """Loads `pretrained` (a path or a Pretrained) and checks it fits the recipe's data.
+  """Loads `pretrained` (a path, 'random' or a Pretrained) and checks it fits the recipe's data.
 
   Raises:
     ValueError: image size or channel count differ between the encoder and the config.
   """
-  p = pretrained_lib.load(pretrained) if isinstance(pretrained, (str, os.PathLike)) else pretrained
+  p = pretrained_lib.resolve(c, pretrained)
   if int(c.image_size) != int(p.image_size):
     raise ValueError(f"the pretrained encoder was trained on {p.image_size}-px images but "
                      f"config.image_size={c.image_size}; pass --config.image_size={p.image_size} "

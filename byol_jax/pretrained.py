@@ -4,7 +4,9 @@
 writing anything), a byol_jax export (export.py's safetensors format) or a release
 checkpoint of the BYOL authors (.pkl, release.py), and returns the online encoder's
 parameters and batch-norm state under the names `networks.make_encoder_network` uses,
-with the model config needed to build that network.
+with the model config needed to build that network. `resolve(config, spec)` also accepts
+the word `random`: the recipe's encoder with random weights (`random_init`), the baseline
+every evaluation command can be run on (`--pretrained=random`).
 """
 import json
 import os
@@ -20,7 +22,8 @@ from byol_jax import checkpoint
 from byol_jax import config as config_lib
 
 ENCODER_PREFIX = "encoder/"  # Top-level module of the encoder in every byol_jax network.
-SOURCES = ("workdir", "byol_jax", "release")
+SOURCES = ("workdir", "byol_jax", "release", "random")
+RANDOM = "random"  # The `--pretrained` value for a randomly initialised encoder.
 
 
 class Pretrained(NamedTuple):
@@ -145,3 +148,45 @@ def load(path: str) -> Pretrained:
     return release.load_release(path)
   raise ValueError(f"{path} is neither a safetensors export nor a pickle checkpoint; pass a "
                    "pretraining workdir, a byol_jax export or an authors' release .pkl.")
+
+
+def random_init(c: ml_collections.ConfigDict, bn_batches: int = 50) -> Pretrained:
+  """The recipe's encoder with random weights: the baseline a pretrained encoder must beat.
+
+  Weights are drawn as pretraining draws them (seed `c.seed + 1`, so not the pretraining
+  run's own initialisation). Batch-norm moving statistics are estimated on `bn_batches`
+  centre-cropped training batches (training-mode forward passes, decay model.bn_decay), so
+  the baseline is not crippled by the initial statistics (mean 0, variance 1).
+
+  Args:
+    c: the run config (model, data set, image size, batch size, seed).
+    bn_batches: training batches for the batch-norm statistics (0: keep the initial ones).
+
+  Returns:
+    Pretrained with source 'random' and step 0.
+  """
+  from byol_jax import data, networks  # Local: data pulls in TensorFlow.
+  net = networks.make_encoder_network(c.model)
+  channels = data.num_channels(c)
+  dummy = np.zeros((2, c.image_size, c.image_size, channels), np.float32)
+  params, state = net.init(jax.random.PRNGKey(c.seed + 1), dummy, is_training=True)
+  update = jax.jit(lambda s, x: net.apply(params, s, None, x, is_training=True)[1])
+  if bn_batches > 0:
+    source = data.eval_dataset(c, c.dataset.train_split, local_device_count=1)
+    for i, batch in enumerate(source):
+      if i == bn_batches:
+        break
+      state = update(state, np.asarray(batch["image"][0], np.float32) / 255.0)  # uint8 -> [0, 1].
+  host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
+  return Pretrained(model=c.model, params=host(params), state=host(state),
+                    image_size=int(c.image_size), channels=channels, step=0, source=RANDOM)
+
+
+def resolve(c: ml_collections.ConfigDict, spec: "str | os.PathLike | Pretrained") -> Pretrained:
+  """`--pretrained` as the evaluation commands read it: a Pretrained is returned as is,
+  'random' gives `random_init(c)`, anything else is a path for `load`."""
+  if isinstance(spec, Pretrained):
+    return spec
+  if os.fspath(spec) == RANDOM:
+    return random_init(c)
+  return load(spec)

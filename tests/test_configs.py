@@ -32,7 +32,7 @@ PAPER_ENCODERS = {"r50": ("resnet50", 1.0), "r50x2": ("resnet50", 2.0),
 # Every (recipe, arg) that must load; the ImageNet presets are crossed below.
 ARGS = {"byol_imagenet": ["", "smoke", "1000", "r50x2", "r200x2-1000", "40-r50x4"],
         "byol_imagenette": ["", "smoke"], "byol_cifar10": ["", "cpu", "smoke"],
-        "byol_fashion_mnist": ["", "smoke"]}
+        "byol_fashion_mnist": ["", "smoke", "ablation"]}
 
 
 def test_every_recipe_file_is_covered():

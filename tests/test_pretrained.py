@@ -170,3 +170,26 @@ def test_unknown_file_type_is_refused(tmp_path):
   path.write_text("not a checkpoint")
   with pytest.raises(ValueError, match="neither a safetensors export nor a pickle"):
     pretrained.load(str(path))
+
+
+def test_random_encoder_keeps_its_init_and_takes_batch_norm_statistics_from_the_data(tmp_path):
+  import fakes
+  from byol_jax import linear_eval, networks
+  c = tiny_config()
+  c.dataset.data_dir = fakes.fashion_mnist_tfds(tmp_path)
+  untouched = pretrained.random_init(c, bn_batches=0)
+  resolved = linear_eval.load_checked(c, pretrained.RANDOM)  # What --pretrained=random gives.
+  assert (resolved.source, resolved.step, resolved.image_size, resolved.channels) == (
+      "random", 0, 28, 1)
+  init_params, init_state = networks.make_encoder_network(c.model).init(
+      jax.random.PRNGKey(c.seed + 1), np.zeros((2, 28, 28, 1), np.float32), is_training=True)
+  for loaded in (untouched, resolved):  # Estimating statistics does not touch the weights.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params,
+                           jax.tree_util.tree_map(np.asarray, init_params))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, untouched.state,
+                         jax.tree_util.tree_map(np.asarray, init_state))
+  means = lambda state: [v for path, v in jax.tree_util.tree_leaves_with_path(state)  # noqa: E731
+                         if "mean" in jax.tree_util.keystr(path)]
+  assert means(resolved.state) and all(np.all(np.isfinite(m)) for m in means(resolved.state))
+  assert all(np.abs(m - m0).max() > 1e-3 for m, m0 in zip(means(resolved.state),
+                                                         means(untouched.state)))

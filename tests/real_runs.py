@@ -1,0 +1,32 @@
+"""Helpers of the slow tests that run the real command line on the real Fashion-MNIST."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from byol_jax import sources
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def prepared_fashion_mnist(tmp_path_factory) -> str:
+  """Debian's Fashion-MNIST idx files prepared as a tfds data set in a fresh folder."""
+  if not os.path.isdir(sources.FASHION_MNIST_DIR):
+    pytest.fail(f"{sources.FASHION_MNIST_DIR} is missing: run `bash scripts/setup.sh` as root "
+                "(it installs Debian's dataset-fashion-mnist).")
+  out = str(tmp_path_factory.mktemp("tfds"))
+  sources.prepare_fashion_mnist(sources.FASHION_MNIST_DIR, out)
+  return out
+
+
+def run_cli(*args, timeout=3600):
+  """The byol-jax command as a user runs it: 1 CPU device and XLA's normal optimisation
+  (the fast-compile flags tests/conftest.py sets would slow a long run down)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "byol_jax", *args], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  print(proc.stdout[-3000:], proc.stderr[-3000:])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
