@@ -152,6 +152,14 @@ def layout_mismatches(saved: PyTree, current: PyTree) -> list[str]:
           for path in sorted(set(old) | set(new)) if old.get(path) != new.get(path)]
 
 
+def check_layout(saved: PyTree, current: PyTree, problem: str, fix: str) -> None:
+  """Raises ValueError(problem, the first mismatches, fix) when `layout_mismatches` finds any."""
+  lines = layout_mismatches(saved, current)
+  if lines:
+    raise ValueError(f"{problem}:\n  " + "\n  ".join(lines[:5] + ["..."] * (len(lines) > 5)) +
+                     f"\n{fix}")
+
+
 # ---------------------------------------------------------------- integrity
 
 
@@ -501,13 +509,10 @@ class Checkpointer:
     return None
 
   def _restore_step(self, step: int, targets: PyTree) -> PyTree:
-    lines = layout_mismatches(self._manager.item_metadata(step), targets)
-    if lines:
-      raise ValueError(
-          f"checkpoint step {step} in {self.directory} is intact but does not fit the current "
-          "state:\n  " + "\n  ".join(lines[:5] + ["..."] * (len(lines) > 5)) + "\nThe "
-          "state's structure changed since it was written; resume with the code and config "
-          "that wrote it, or use another --workdir.")
+    check_layout(self._manager.item_metadata(step), targets,
+                 f"checkpoint step {step} in {self.directory} is intact but does not fit the "
+                 "current state", "The state's structure changed since it was written; resume "
+                 "with the code and config that wrote it, or use another --workdir.")
     restored = self._manager.restore(step, args=ocp.args.StandardRestore(targets))
     return global_to_replicated(restored)
 
@@ -595,12 +600,9 @@ def restore_step(workdir: str, step: int, template_state: PyTree,
   sharding = jax.sharding.SingleDeviceSharding(device)
   targets = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template_state)
-  lines = layout_mismatches(step_layout(workdir, step), targets)
-  if lines:
-    raise ValueError(
-        f"checkpoint step {step} in {workdir} does not fit the state its config.json "
-        "describes:\n  " + "\n  ".join(lines[:5] + ["..."] * (len(lines) > 5)) +
-        "\nRead it with the byol_jax version that wrote it.")
+  check_layout(step_layout(workdir, step), targets,
+               f"checkpoint step {step} in {workdir} does not fit the state its config.json "
+               "describes", "Read it with the byol_jax version that wrote it.")
   with ocp.StandardCheckpointer() as reader:
     return reader.restore(_item_dir(workdir, step), targets)
 

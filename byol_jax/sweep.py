@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from byol_jax import config as config_lib
+from byol_jax import files
 
 PrintFn = Callable[[str], None]
 PretrainFn = Callable[..., dict]  # (config, workdir, print_fn) -> result dict.
@@ -251,8 +252,7 @@ def _run_one(run: Run, run_dir: str, pretrain_fn: PretrainFn, eval_fn: EvalFn,
              linear_top1=linear["top1"], linear_top5=linear["top5"],
              # linear_eval.run names the chosen base lr 'learning_rate'.
              linear_lr=linear.get("lr", linear.get("learning_rate")))
-  with open(done_path, "w") as f:
-    json.dump(dict(config_hash=digest, row=row), f, indent=1)
+  files.write_json_atomic(done_path, dict(config_hash=digest, row=row))
   return row
 
 
