@@ -22,6 +22,7 @@ import numpy as np
 from byol_jax import config as config_lib
 from byol_jax import networks
 from byol_jax import pretrained as pretrained_lib
+from byol_jax import resnet
 
 RELEASE_IMAGE_SIZE = 224  # Their ImageNet recipe; the file does not record it.
 
@@ -161,11 +162,11 @@ def infer_model(params: dict, path: str = "checkpoint") -> tuple[ml_collections.
       group, block = int(parts[1].rsplit("_", 1)[1]), int(parts[2].rsplit("_", 1)[1])
       blocks[group] = max(blocks[group], block + 1)
   bottleneck = f"{root}/~/block_group_0/~/block_0/~/conv_2" in params
-  names = [n for n, spec in networks.ENCODERS.items()
+  names = [n for n, spec in resnet.ENCODERS.items()
            if spec.blocks_per_group == tuple(blocks) and spec.bottleneck == bottleneck]
   if not names:
     raise ValueError(f"{path}: no byol_jax encoder has {blocks} blocks per group "
-                     f"(bottleneck={bottleneck}); valid: {sorted(networks.ENCODERS)}.")
+                     f"(bottleneck={bottleneck}); valid: {sorted(resnet.ENCODERS)}.")
   model = config_lib.base_config().model
   model.update(dict(encoder=names[0], width=w[3] / 64, stem="imagenet", padding="same",
                     resnet_v2=f"{root}/~/final_batchnorm" in params, norm="batch",

@@ -1,4 +1,5 @@
-"""Tests of byol_jax.networks: ResNet family, MLP heads, BYOL forward, precision policies.
+"""Tests of byol_jax.networks, .resnet and .layers: ResNet family, MLP heads, BYOL forward,
+precision policies, convolutions and norms.
 
 Compile time dominates on CPU: the networks are tiny (width 1/16, 16 px, batch 2) and run
 un-jitted (each eager op compiles once per shape, shared across depths and tests);
@@ -16,8 +17,10 @@ import numpy as np
 import pytest
 
 from byol_jax import config as config_lib
+from byol_jax import layers as layers_lib
 from byol_jax import networks
 from byol_jax import parallel
+from byol_jax import resnet
 
 # RngBitGenerator keys compile far faster on CPU than threefry; values do not matter here.
 KEY = jax.random.key(0, impl="rbg")
@@ -97,10 +100,10 @@ def count(params):
 
 
 def test_registries_hold_exactly_the_config_names():
-  assert tuple(networks.ENCODERS) == config_lib.ENCODERS
-  assert set(networks.STEMS) == set(config_lib.STEMS)
-  assert set(networks.NORMS) == set(config_lib.NORMS)
-  assert set(networks.PADDINGS) == set(config_lib.PADDINGS)
+  assert tuple(resnet.ENCODERS) == config_lib.ENCODERS
+  assert set(resnet.STEMS) == set(config_lib.STEMS)
+  assert set(layers_lib.NORMS) == set(config_lib.NORMS)
+  assert set(layers_lib.PADDINGS) == set(config_lib.PADDINGS)
   assert set(networks.PRECISIONS) == set(config_lib.PRECISIONS)
 
 
@@ -158,11 +161,11 @@ def _hk_narrow_resnet(bottleneck, v2, channels):
 def test_forward_matches_haiku_resnet_with_same_weights(bottleneck, v2):
   full = (256, 512, 1024, 2048) if bottleneck else (64, 128, 256, 512)
   channels = tuple(c // 16 for c in full)
-  spec = networks.ResNetSpec((1, 1, 1, 1), bottleneck, full, (bottleneck, True, True, True))
+  spec = resnet.ResNetSpec((1, 1, 1, 1), bottleneck, full, (bottleneck, True, True, True))
 
   def ours_fn(x, is_training):
-    return networks.ResNet(spec, networks.STEMS["imagenet"], networks.Layers(),
-                           width=1 / 16, resnet_v2=v2)(x, is_training)
+    return resnet.ResNet(spec, resnet.STEMS["imagenet"], layers_lib.Layers(),
+                         width=1 / 16, resnet_v2=v2)(x, is_training)
 
   ours = hk.transform_with_state(ours_fn)
   theirs = _hk_narrow_resnet(bottleneck, v2, channels)
@@ -231,7 +234,7 @@ def _last_in_block(params, module_suffix, param):
 def test_zero_init_residual_sets_last_norm_scale_in_v1(encoder, norm, last, zero):
   _, params, _ = init_encoder(encoder=encoder, norm=norm, zero_init_residual=zero)
   last_scales = _last_in_block(params, last, "scale")
-  assert len(last_scales) == sum(networks.ENCODERS[encoder].blocks_per_group)
+  assert len(last_scales) == sum(resnet.ENCODERS[encoder].blocks_per_group)
   for scale in last_scales.values():
     np.testing.assert_array_equal(scale, 0.0 if zero else 1.0)
   others = [v["scale"] for m, v in params.items() if "scale" in v and not m.endswith(last)]
@@ -366,14 +369,14 @@ def test_cross_replica_batchnorm_matches_one_device_on_the_whole_batch():
 
 def test_weight_standardised_kernel_has_zero_mean_unit_variance_per_output():
   w = np.random.RandomState(0).normal(0.3, 0.05, size=(3, 3, 5, 7)).astype(np.float32)
-  ws = np.asarray(networks.standardize_kernel(jnp.asarray(w)))
+  ws = np.asarray(layers_lib.standardize_kernel(jnp.asarray(w)))
   np.testing.assert_allclose(ws.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
   np.testing.assert_allclose(ws.var(axis=(0, 1, 2)), 1.0, atol=1e-4)
 
 
 def test_weight_standardised_conv_uses_the_standardised_kernel():
   x = np.random.RandomState(1).rand(2, 4, 4, 3).astype(np.float32)
-  conv = hk.transform(lambda v: networks.Conv2D(6, 1, standardize=True, name="c")(v))
+  conv = hk.transform(lambda v: layers_lib.Conv2D(6, 1, standardize=True, name="c")(v))
   params = conv.init(KEY, x)
   w = np.asarray(params["c"]["w"])[0, 0]  # [3, 6]
   w_hat = (w - w.mean(0)) / np.sqrt(w.var(0))
@@ -408,7 +411,7 @@ def test_symmetric_padding_stride2_conv_matches_reference(size, kernel):
   x = np.random.RandomState(2).randn(1, size, size, 2).astype(np.float32)
 
   def run(padding):
-    conv = hk.transform(lambda v: networks.Conv2D(3, kernel, 2, padding, name="c")(v))
+    conv = hk.transform(lambda v: layers_lib.Conv2D(3, kernel, 2, padding, name="c")(v))
     params = conv.init(KEY, x)
     return np.asarray(conv.apply(params, None, x)), np.asarray(params["c"]["w"])
 
@@ -423,10 +426,10 @@ def test_symmetric_padding_stride2_conv_matches_reference(size, kernel):
 @pytest.mark.parametrize("size", [7, 8, 9])
 def test_symmetric_max_pool_matches_reference(size):
   x = np.random.RandomState(3).randn(2, size, size, 3).astype(np.float32)
-  got = np.asarray(networks.max_pool(jnp.asarray(x), "symmetric"))
+  got = np.asarray(layers_lib.max_pool(jnp.asarray(x), "symmetric"))
   np.testing.assert_array_equal(got, np_max_pool(x))
   # The gradient routes each window's 1 to its maximum, as torch's max-pool does.
-  grad = jax.grad(lambda v: jnp.sum(networks.max_pool(v, "symmetric")))(jnp.asarray(x))
+  grad = jax.grad(lambda v: jnp.sum(layers_lib.max_pool(v, "symmetric")))(jnp.asarray(x))
   expected = np.zeros_like(x)
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
   for n, i, j, c in np.ndindex(got.shape):
@@ -435,7 +438,7 @@ def test_symmetric_max_pool_matches_reference(size):
     expected[n, 2 * i + di - 1, 2 * j + dj - 1, c] += 1
   np.testing.assert_array_equal(grad, expected)
   if size % 2 == 0:
-    assert not np.array_equal(np.asarray(networks.max_pool(jnp.asarray(x), "same")), got)
+    assert not np.array_equal(np.asarray(layers_lib.max_pool(jnp.asarray(x), "same")), got)
 
 
 def test_bfloat16_computes_in_bf16_keeps_float32_params_norms_and_outputs():
@@ -492,4 +495,4 @@ def test_unknown_precision_and_bad_numbers_raise():
 @pytest.mark.parametrize("channels,max_groups,expected", [
     (64, 32, 32), (4, 32, 4), (38, 32, 19), (24, 16, 12), (7, 4, 1), (8, 1, 1)])
 def test_group_count_is_largest_divisor_not_above_gn_groups(channels, max_groups, expected):
-  assert networks.group_count(channels, max_groups) == expected
+  assert layers_lib.group_count(channels, max_groups) == expected

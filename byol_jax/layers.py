@@ -1,0 +1,188 @@
+"""The building blocks of the networks: convolutions, normalisations, padding, channel counts.
+
+Conv2D (with optional Weight Standardisation and torchvision-style padding), the stem's
+max-pool, and `Layers`, which makes a network's convolutions and norms from config.model
+under the module names hk.nets.ResNet uses (batchnorm_{k}, initial_batchnorm, ...).
+Separate from resnet.py and networks.py because both build with these parts and neither
+owns them. Registries (PADDINGS, NORMS) are keyed by config's names.
+"""
+import dataclasses
+from typing import Callable, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+NormFn = Callable[[Array, bool], Array]
+
+# Standardised kernels are divided by sqrt(var + eps); small enough that the result has
+# unit variance to ~1e-6 for any kernel the default initialiser can produce.
+WS_EPS = 1e-10
+
+
+# Conv padding per kernel size: 'SAME' is Haiku/TF's (extra pixel at the end when the
+# total is odd); 'symmetric' pads k//2 on both sides, torchvision's arithmetic.
+PADDINGS = {
+    "same": lambda kernel: "SAME",
+    "symmetric": lambda kernel: ((kernel // 2, kernel // 2),) * 2,
+}
+
+
+def lookup(registry: dict, name: str, field: str):
+  """registry[name], or ValueError naming the config field and the valid names."""
+  if name not in registry:
+    raise ValueError(f"unknown config.{field}={name!r}; valid: {sorted(registry)}.")
+  return registry[name]
+
+
+def scaled_channels(channels: int, width: float) -> int:
+  """Channels of a layer under the width multiplier: max(1, round(channels * width))."""
+  return max(1, int(round(channels * width)))
+
+
+def group_count(channels: int, max_groups: int) -> int:
+  """GroupNorm groups for a layer: the largest divisor of `channels` <= `max_groups`.
+
+  Narrow networks (width < 1) have layers with fewer channels than `model.gn_groups`, or a
+  count the groups do not divide; clipping to a divisor keeps every layer valid.
+  """
+  if max_groups < 1:
+    raise ValueError(f"config.model.gn_groups={max_groups} must be >= 1.")
+  return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
+
+
+@jax.jit  # One compiled op per kernel shape when run eagerly; inlined under jit.
+def standardize_kernel(w: Array) -> Array:
+  """Weight Standardisation (Qiao et al. 2019): zero mean, unit variance per output channel.
+
+  Args:
+    w: kernel [..., C_out] (HWIO for convolutions).
+
+  Returns:
+    the standardised kernel, same shape, computed in float32 and cast back to w's dtype.
+  """
+  w32 = w.astype(jnp.float32)
+  axes = tuple(range(w.ndim - 1))
+  mean = jnp.mean(w32, axis=axes, keepdims=True)
+  var = jnp.var(w32, axis=axes, keepdims=True)
+  return ((w32 - mean) * jax.lax.rsqrt(var + WS_EPS)).astype(w.dtype)
+
+
+class Conv2D(hk.Module):
+  """NHWC convolution with `hk.Conv2D`'s parameters ('w' HWIO, 'b') and initialiser.
+
+  Adds the two things hk.Conv2D lacks here: torchvision-style symmetric padding and
+  weight standardisation of the kernel before use.
+  """
+
+  def __init__(self, channels: int, kernel: int, stride: int = 1, padding: str = "same",
+               standardize: bool = False, with_bias: bool = False,
+               zero_init: bool = False, name: str | None = None):
+    super().__init__(name=name)
+    if standardize and zero_init:
+      raise ValueError("a weight-standardised kernel cannot start at zero (its variance "
+                       "is 0); use zero_init_residual with norm 'batch' or ResNet v1.")
+    self._channels, self._kernel, self._stride = channels, kernel, stride
+    self._padding = lookup(PADDINGS, padding, "model.padding")(kernel)
+    self._standardize, self._with_bias, self._zero_init = standardize, with_bias, zero_init
+
+  def __call__(self, x: Array) -> Array:
+    """x [N, H, W, C_in] -> [N, H', W', channels]."""
+    k = self._kernel
+    fan_in = k * k * x.shape[-1]
+    w_init = (jnp.zeros if self._zero_init else
+              hk.initializers.TruncatedNormal(stddev=1.0 / np.sqrt(fan_in)))
+    w = hk.get_parameter("w", [k, k, x.shape[-1], self._channels], x.dtype, init=w_init)
+    if self._standardize:
+      w = standardize_kernel(w)
+    out = jax.lax.conv_general_dilated(
+        x, w, window_strides=(self._stride,) * 2, padding=self._padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self._with_bias:
+      out = out + hk.get_parameter("b", [self._channels], x.dtype, init=jnp.zeros)
+    return out
+
+
+def max_pool(x: Array, padding: str) -> Array:
+  """The stem's 3x3 stride-2 max-pool; 'symmetric' pads 1 on each side with -inf."""
+  pad = lookup(PADDINGS, padding, "model.padding")(3)
+  if not isinstance(pad, str):
+    pad = ((0, 0),) + tuple(pad) + ((0, 0),)
+  # A Python -inf (not an array) lets JAX pick reduce_window_max, which has a gradient.
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pad)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """Makes the convolutions and normalisations of one network from the model config.
+
+  Attributes mirror config.model fields; `axis_name` is the pmapped device axis that
+  batch norm reduces its statistics over (None outside pmap).
+  """
+  norm: str = "batch"
+  padding: str = "same"
+  bn_decay: float = 0.9
+  bn_eps: float = 1e-5
+  gn_groups: int = 32
+  axis_name: str | None = None
+
+  @property
+  def has_norm(self) -> bool:
+    return NORMS[self.norm].prefix is not None
+
+  def conv(self, channels: int, kernel: int, stride: int, name: str,
+           zero_init: bool = False) -> Conv2D:
+    kind = NORMS[self.norm]
+    return Conv2D(channels, kernel, stride, self.padding, standardize=kind.standardize,
+                  with_bias=kind.conv_bias, zero_init=zero_init, name=name)
+
+  def norm_layer(self, role: str | None, channels: int, zero_scale: bool = False) -> NormFn:
+    """A normalisation of `channels` features, called as f(x, is_training).
+
+    role: '0', '1', .. (-> 'batchnorm_0'), 'initial' / 'shortcut' / 'final'
+    (-> 'initial_batchnorm'), or None for Haiku's default module name (MLP heads).
+    """
+    kind = NORMS[self.norm]
+    name = None
+    if role is not None and kind.prefix is not None:
+      name = f"{kind.prefix}_{role}" if role.isdigit() else f"{role}_{kind.prefix}"
+    return kind.make(self, name, channels, jnp.zeros if zero_scale else None)
+
+
+def _batch_norm(layers: Layers, name, channels, scale_init) -> NormFn:
+  del channels  # Inferred from the input.
+  bn = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=layers.bn_decay,
+                    eps=layers.bn_eps, scale_init=scale_init,
+                    cross_replica_axis=layers.axis_name, name=name)
+  return lambda x, is_training: bn(x, is_training)
+
+
+def _group_norm(layers: Layers, name, channels, scale_init) -> NormFn:
+  gn = hk.GroupNorm(group_count(channels, layers.gn_groups), eps=layers.bn_eps,
+                    scale_init=scale_init, name=name)
+  # Per-example statistics: training and evaluation compute the same thing.
+  return lambda x, is_training: gn(x)
+
+
+def _no_norm(layers: Layers, name, channels, scale_init) -> NormFn:
+  del layers, name, channels, scale_init
+  return lambda x, is_training: x
+
+
+class NormKind(NamedTuple):
+  """How one `model.norm` builds its layers."""
+  make: Callable[[Layers, str | None, int, Callable | None], NormFn]
+  prefix: str | None  # Module-name stem; 'batchnorm' keeps hk.nets.ResNet's names.
+  standardize: bool  # Weight-standardised convolutions.
+  conv_bias: bool  # Without a norm's offset the convolutions need their own bias.
+
+
+NORMS = {
+    "batch": NormKind(_batch_norm, "batchnorm", standardize=False, conv_bias=False),
+    # Richemond et al. 2020: no batch statistics. In the MLP heads GroupNorm normalises
+    # groups of hidden units of each example.
+    "group_ws": NormKind(_group_norm, "groupnorm", standardize=True, conv_bias=False),
+    "none": NormKind(_no_norm, None, standardize=False, conv_bias=True),
+}
