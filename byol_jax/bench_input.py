@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from byol_jax import crops
 from byol_jax import data
 from byol_jax import sources
 
@@ -105,7 +106,7 @@ def _variants(config):
   area, aspect = data.crop_ranges(config)
 
   def window(hw):
-    return data.random_crop_window(hw, area, aspect)[None]
+    return crops.random_crop_window(hw, area, aspect)[None]
 
   def decode_only(image_bytes):
     return tf.shape(tf.io.decode_jpeg(image_bytes, channels=3))  # Decoded, not copied out.
@@ -120,18 +121,18 @@ def _variants(config):
     return views
 
   def two_decode_and_crop(image_bytes):  # uint8 out, one fused decode per view.
-    return [data.decode_and_crop(image_bytes, window, size, 3) for _ in range(2)]
+    return [crops.decode_and_crop(image_bytes, window, size, 3) for _ in range(2)]
 
   def full_decode_two_crops(image_bytes):  # uint8 out, one full decode for both views.
     image = tf.io.decode_jpeg(image_bytes, channels=3)
     views = []
     for _ in range(2):
       y, x, h, w = tf.unstack(window(tf.shape(image)[:2])[0])
-      views.append(data.resize_uint8(image[y:y + h, x:x + w], size))
+      views.append(crops.resize_uint8(image[y:y + h, x:x + w], size))
     return views
 
-  def box_decode_two_crops(image_bytes):  # data.decode_and_crop: one decode of the box.
-    return data.decode_and_crop(
+  def box_decode_two_crops(image_bytes):  # crops.decode_and_crop: one decode of the box.
+    return crops.decode_and_crop(
         image_bytes, lambda hw: tf.concat([window(hw), window(hw)], 0), size, 3)
 
   return dict(decode_only=decode_only, authors=authors,
