@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from byol_jax import crops
 from byol_jax import data
-from byol_jax import sources
+from byol_jax import prepare
 
 BENCH_NAME = "byol_bench_jpegs"
 PHOTO_SHAPE = (375, 500)  # ImageNet's most common size (h, w); some are turned portrait.
@@ -67,7 +67,7 @@ def write_jpegs(data_dir: str, num_images: int, seed: int = 0) -> list[int]:
       "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
       "label": tfds.features.ClassLabel(num_classes=1000)})
   examples = [(str(i), {"image": b, "label": i % 1000}) for i, b in enumerate(encoded)]
-  sources.store_dataset(BENCH_NAME, "1.0.0", features, {"train": examples}, data_dir)
+  prepare.store_dataset(BENCH_NAME, "1.0.0", features, {"train": examples}, data_dir)
   return [len(b) for b in encoded]
 
 

@@ -1,59 +1,40 @@
 """Orbax checkpoints of the TrainState: asynchronous, verified, resumable on any topology.
 
 Layout under the workdir:
-  config.json              the run's config; resuming with a different value of a field in
-                           STATE_DEFINING_FIELDS is refused before anything is read or written
+  config.json              the run's config (run_config.py); resuming with a different value
+                           of a state-defining field is refused before anything is read or written
   checkpoints/<step>/      one orbax checkpoint per saved step, written to a tmp directory and
                            renamed when complete: a save killed mid-way never touches older steps
   checkpoints/<step>/byol_jax_manifest.json
-                           sha256 of every other file of the step, written once orbax has
-                           finished it. Orbax restores a file with a flipped byte silently, so
-                           only a step whose manifest exists and matches is restored; a step
-                           whose save was in flight when the process died has none.
+                           sha256 of every other file of the step (integrity.py), written once
+                           orbax has finished it; only a step whose manifest matches is restored
   corrupt_checkpoints/     newer steps skipped by a restore, moved aside (never deleted)
 
 The loop holds the state replicated by pmap (leaves [local_devices, ...]); orbax needs global
 arrays, so save views each leaf as one array replicated over all devices of all processes, and
 restore reads into targets built from the current topology, then stacks the copies per local
 device: 2 processes x 2 devices restores on 1 x 4 or 1 x 1 and back. No pickle anywhere.
+Reading a workdir without writing to it (evaluation, export) is checkpoint_reader.py.
 """
 import dataclasses
-import hashlib
-import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
-from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from byol_jax import files as file_io
+from byol_jax import integrity
 from byol_jax import parallel
+from byol_jax import run_config
 
 PyTree = Any
 
-CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 QUARANTINE_DIR = "corrupt_checkpoints"
-MANIFEST_FILE = "byol_jax_manifest.json"
-_MANIFEST_FORMAT = "byol_jax.sha256.v1"
-
-# The rule for resuming a workdir with an edited config: every field listed here (a key ending
-# in "." covers all fields below it) must equal the saved value, because it fixes the shapes,
-# dtypes or meaning of the saved TrainState. Every other field may change between runs: run
-# length (num_steps, num_epochs), batch size and learning-rate values, logging, checkpoint and
-# evaluation cadence, data location (dataset.data_dir), augmentation strengths.
-STATE_DEFINING_FIELDS = {
-    "model.": "the network architecture: parameter and batch-norm state shapes",
-    "precision": "the dtype of the parameters",
-    "dataset.num_classes": "the shape of the online linear probe",
-    "dataset.name": "the classes the probe predicts and the data the state has learnt from",
-    "optim.lars_order": "the meaning of the LARS momentum buffer in opt_state",
-}
 
 
 # ---------------------------------------------------------------- topology conversion
@@ -160,150 +141,6 @@ def check_layout(saved: PyTree, current: PyTree, problem: str, fix: str) -> None
                      f"\n{fix}")
 
 
-# ---------------------------------------------------------------- integrity
-
-
-@jax.jit
-def _finite_flags(leaves):
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
-def nonfinite_leaves(state: PyTree) -> list[str]:
-  """Paths of the floating leaves that hold a NaN or Inf (checked on the first local replica).
-
-  Args:
-    state: any tree of arrays; pmap-replicated leaves are read on one device only.
-
-  Returns:
-    Key paths such as ".online_params['linear']['w']"; empty when every leaf is finite.
-  """
-  paths, leaves = [], []
-  for path, x in jax.tree_util.tree_leaves_with_path(state):
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-      paths.append(jax.tree_util.keystr(path))
-      leaves.append(x.addressable_data(0) if isinstance(x, jax.Array) else np.asarray(x))
-  if not leaves:
-    return []
-  flags = np.asarray(_finite_flags(leaves))
-  return [p for p, ok in zip(paths, flags) if not ok]
-
-
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _files_under(directory: str) -> list[str]:
-  found = (os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
-           for root, _, files in os.walk(directory) for name in files)
-  return sorted(f for f in found if f != MANIFEST_FILE)
-
-
-def write_manifest(step_dir: str) -> None:
-  """Writes MANIFEST_FILE: relative path -> {sha256, bytes} for every other file of step_dir."""
-  files = {rel: {"sha256": _sha256(os.path.join(step_dir, rel)),
-                 "bytes": os.path.getsize(os.path.join(step_dir, rel))}
-           for rel in _files_under(step_dir)}
-  file_io.write_json_atomic(os.path.join(step_dir, MANIFEST_FILE),
-                           {"format": _MANIFEST_FORMAT, "files": files})
-
-
-def verify_manifest(step_dir: str) -> str | None:
-  """Checks step_dir against its manifest.
-
-  Returns:
-    None when every file is present with its recorded digest and no file was added; else
-    one line naming the problem and the file.
-  """
-  try:
-    with open(os.path.join(step_dir, MANIFEST_FILE)) as f:
-      expected = json.load(f)["files"]
-  except FileNotFoundError:
-    return f"no {MANIFEST_FILE} (the save never finished, or the file was removed)"
-  except (ValueError, KeyError, TypeError) as e:
-    return f"unreadable {MANIFEST_FILE}: {e}"
-  present = set(_files_under(step_dir))
-  missing, extra = sorted(set(expected) - present), sorted(present - set(expected))
-  if missing:
-    return f"file {missing[0]} is listed in the manifest but missing"
-  if extra:
-    return f"file {extra[0]} is not in the manifest"
-  for rel in sorted(expected):
-    full = os.path.join(step_dir, rel)
-    size = os.path.getsize(full)
-    if size != expected[rel]["bytes"]:
-      return f"file {rel} has {size} bytes, the manifest says {expected[rel]['bytes']} (truncated?)"
-    if _sha256(full) != expected[rel]["sha256"]:
-      return f"file {rel} does not match its sha256 in the manifest (modified on disk)"
-  return None
-
-
-# ---------------------------------------------------------------- config guard
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict:
-  """The config as plain JSON values (what config.json holds), so saved and new compare equal."""
-  return json.loads(config.to_json_best_effort())
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def config_mismatches(saved: Mapping, current: Mapping) -> list[str]:
-  """State-defining fields (STATE_DEFINING_FIELDS) whose values differ.
-
-  Args:
-    saved, current: configs as nested dicts (`config_to_dict`).
-
-  Returns:
-    Lines "field: saved X, now Y (what the field defines)" sorted by field; a field missing
-    on one side counts as a difference. Empty when the saved state can be resumed.
-  """
-  old, new = _flatten(saved), _flatten(current)
-  show = lambda flat, field: repr(flat[field]) if field in flat else "<absent>"  # noqa: E731
-  lines = []
-  for field in sorted(set(old) | set(new)):
-    rule = next((k for k in STATE_DEFINING_FIELDS
-                 if (field.startswith(k) if k.endswith(".") else field == k)), None)
-    if rule and (field not in old or field not in new or old[field] != new[field]):
-      lines.append(f"{field}: saved {show(old, field)}, now {show(new, field)} "
-                   f"({STATE_DEFINING_FIELDS[rule]})")
-  return lines
-
-
-def check_config_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError when workdir's config.json differs in a state-defining field.
-
-  Writes nothing. A workdir without config.json passes.
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  lines = config_mismatches(saved, config_to_dict(config))
-  if lines:
-    raise ValueError(
-        f"--workdir={workdir} holds a run whose config differs in fields that define the "
-        "saved state, so it cannot be resumed:\n  " + "\n  ".join(lines) +
-        f"\nFix: pass another --workdir for the new config, or rerun with the values saved "
-        f"in {path}.")
-
-
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes workdir/config.json atomically (process 0 only)."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    file_io.write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))
-
-
 # ---------------------------------------------------------------- manager
 
 
@@ -369,7 +206,7 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def _has_manifest(self, step: int) -> bool:
-    return os.path.exists(os.path.join(self.step_dir(step), MANIFEST_FILE))
+    return os.path.exists(os.path.join(self.step_dir(step), integrity.MANIFEST_FILE))
 
   def all_steps(self) -> list[int]:
     """Steps on disk (verified or not), ascending."""
@@ -381,7 +218,7 @@ class Checkpointer:
     if step is None or jax.process_index() != 0:
       return
     if os.path.isdir(self.step_dir(step)):
-      write_manifest(self.step_dir(step))
+      integrity.write_manifest(self.step_dir(step))
     else:
       logging.error("checkpoint save of step %d did not complete: %s is missing.",
                     step, self.step_dir(step))
@@ -416,7 +253,7 @@ class Checkpointer:
       if saved_step != step:
         raise ValueError(f"save(step={step}) got a state with state.step={saved_step}; pass "
                          "the state's own step so that a resume continues where it stopped.")
-    bad = nonfinite_leaves(state)
+    bad = integrity.nonfinite_leaves(state)
     if bad:
       raise FloatingPointError(
           f"refusing to checkpoint step {step}: NaN/Inf in {', '.join(bad[:5])}"
@@ -480,13 +317,13 @@ class Checkpointer:
         checkpoint does not fit the template (the state's structure changed).
       RuntimeError: checkpoints exist but none is intact.
     """
-    check_config_compatible(self.workdir, config)
+    run_config.check_config_compatible(self.workdir, config)
     self.wait_until_finished()
     self._manager.reload()
     targets = abstract_global_state(template_state)
     skipped = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      problem = verify_manifest(self.step_dir(step))
+      problem = integrity.verify_manifest(self.step_dir(step))
       if problem:
         logging.error("checkpoint step %d in %s is corrupt or incomplete and will not be used: "
                       "%s. Trying an older one.", step, self.directory, problem)
@@ -498,14 +335,14 @@ class Checkpointer:
         logging.warning("restored checkpoint step %d after skipping corrupt newer steps %s "
                         "(moved to %s).", step, [s for s, _ in skipped],
                         os.path.join(self.workdir, QUARANTINE_DIR))
-      save_config(self.workdir, config)
+      run_config.save_config(self.workdir, config)
       return step, state
     if skipped:
       details = "\n  ".join(f"step {s}: {p}" for s, p in skipped)
       raise RuntimeError(
           f"no intact checkpoint in {self.directory}:\n  {details}\nFix: restore the files "
           "from a backup, or start afresh with another --workdir.")
-    save_config(self.workdir, config)
+    run_config.save_config(self.workdir, config)
     return None
 
   def _restore_step(self, step: int, targets: PyTree) -> PyTree:
@@ -529,95 +366,3 @@ class Checkpointer:
       ocp.multihost.sync_global_processes("byol_jax_checkpoint_quarantine")
     self._manager.reload()
 
-
-# ---------------------------------------------------------------- read-only restore
-
-
-def intact_step(workdir: str) -> int:
-  """The newest step under workdir/checkpoints whose files match its manifest. Writes nothing.
-
-  Newer steps that fail verification are logged as errors and skipped (a restoring
-  Checkpointer would quarantine them; a reader leaves them where they are).
-
-  Raises:
-    FileNotFoundError: no checkpoint directory or no saved step.
-    RuntimeError: steps exist but none is intact (each problem is named).
-  """
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  # Orbax names a save in flight '<step>.orbax-checkpoint-tmp-*': only bare numbers count.
-  steps = sorted((int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else ())
-                  if n.isdigit()), reverse=True)
-  if not steps:
-    raise FileNotFoundError(
-        f"no checkpoints in {directory}: is {workdir} a pretraining workdir? Run `byol-jax "
-        "pretrain --workdir=...` first, or pass the directory it wrote.")
-  skipped = []
-  for step in steps:
-    problem = verify_manifest(os.path.join(directory, str(step)))
-    if problem is None:
-      return step
-    logging.error("checkpoint step %d in %s is corrupt or incomplete and will not be used: "
-                  "%s. Trying an older one.", step, directory, problem)
-    skipped.append(f"step {step}: {problem}")
-  raise RuntimeError(f"no intact checkpoint in {directory}:\n  " + "\n  ".join(skipped) +
-                     "\nFix: restore the files from a backup.")
-
-
-def _item_dir(workdir: str, step: int) -> str:
-  # Orbax refuses relative paths; users pass --workdir=runs/x.
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "default")
-
-
-def step_layout(workdir: str, step: int) -> PyTree:
-  """The saved tree of step: orbax array metadata (shape, dtype) per leaf. Writes nothing."""
-  # The handler reads the item's own metadata; the Checkpointer would also look for (and
-  # warn about) a step-level metadata file the manager keeps elsewhere.
-  handler = ocp.StandardCheckpointHandler()
-  try:
-    return handler.metadata(epath.Path(_item_dir(workdir, step))).tree
-  finally:
-    handler.close()
-
-
-def restore_step(workdir: str, step: int, template_state: PyTree,
-                 device: jax.Device | None = None) -> PyTree:
-  """Reads one saved step onto a single device, without writing anything.
-
-  Args:
-    workdir: a pretraining workdir.
-    step: a step under workdir/checkpoints (see `intact_step`; no verification here).
-    template_state: unreplicated tree of arrays or ShapeDtypeStructs with the saved
-      structure (e.g. `jax.eval_shape` of `train.init_state`), leaves [...].
-    device: where the arrays land (default: the host CPU device).
-
-  Returns:
-    The saved state, leaves [...] on `device`, in the template's tree structure.
-
-  Raises:
-    ValueError: the saved leaves differ in presence, shape or dtype from the template.
-  """
-  device = device or jax.local_devices(backend="cpu")[0]
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  targets = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template_state)
-  check_layout(step_layout(workdir, step), targets,
-               f"checkpoint step {step} in {workdir} does not fit the state its config.json "
-               "describes", "Read it with the byol_jax version that wrote it.")
-  with ocp.StandardCheckpointer() as reader:
-    return reader.restore(_item_dir(workdir, step), targets)
-
-
-def restore_latest(workdir: str, template_state: PyTree,
-                   device: jax.Device | None = None) -> tuple[int, PyTree]:
-  """(step, state) of the newest intact checkpoint, read-only (nothing written or moved).
-
-  Args:
-    workdir: a pretraining workdir.
-    template_state: unreplicated template, leaves [...] (see `restore_step`).
-    device: where the arrays land (default: the host CPU device).
-
-  Raises:
-    FileNotFoundError / RuntimeError: see `intact_step`. ValueError: see `restore_step`.
-  """
-  step = intact_step(workdir)
-  return step, restore_step(workdir, step, template_state, device)

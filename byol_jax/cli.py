@@ -144,17 +144,17 @@ def _pretrain(args: list[str]) -> None:
 
 
 def _prepare_data(args: list[str]) -> None:
-  from byol_jax import sources
+  from byol_jax import prepare
   if args == ["fashion_mnist"]:
     kwargs = {"data_dir": FLAGS.data_dir}
     if FLAGS.source:
       kwargs["source_dir"] = FLAGS.source
-    print(f"fashion_mnist ready in {sources.prepare_fashion_mnist(**kwargs)}")
+    print(f"fashion_mnist ready in {prepare.prepare_fashion_mnist(**kwargs)}")
   elif args == ["image_folder"]:
     if not FLAGS.source or not FLAGS.name:
       raise UsageError("prepare-data image_folder needs --source=DIR (class subfolders) and "
                        "--name=NAME (the tfds name to use as --config.dataset.name).")
-    report = sources.prepare_image_folder(FLAGS.source, FLAGS.name, FLAGS.data_dir)
+    report = prepare.prepare_image_folder(FLAGS.source, FLAGS.name, FLAGS.data_dir)
     print(f"{FLAGS.name} ready in {report.data_dir}: splits {report.split_sizes}, "
           f"{len(report.class_names)} classes, {len(report.skipped)} unreadable files skipped")
   else:

@@ -22,6 +22,7 @@ from byol_jax import config as config_lib
 from byol_jax import data
 from byol_jax import evaluate
 from byol_jax import parallel
+from byol_jax import run_config
 from byol_jax import train
 from byol_jax import writers
 
@@ -131,7 +132,7 @@ def _agree_on_config(c: ml_collections.ConfigDict) -> None:
   """Stops every process, before anything is written, when their configs differ."""
   if jax.process_count() == 1:
     return
-  mine = json.dumps(checkpoint.config_to_dict(c), sort_keys=True).encode()
+  mine = json.dumps(run_config.config_to_dict(c), sort_keys=True).encode()
   everyone = _gather_bytes(mine)
   if any(other != everyone[0] for other in everyone):
     lines = config_disagreements([json.loads(b) for b in everyone])

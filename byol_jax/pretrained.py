@@ -18,8 +18,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from byol_jax import checkpoint
+from byol_jax import checkpoint_reader
 from byol_jax import config as config_lib
+from byol_jax import run_config
 
 ENCODER_PREFIX = "encoder/"  # Top-level module of the encoder in every byol_jax network.
 SOURCES = ("workdir", "byol_jax", "release", "random")
@@ -91,18 +92,18 @@ def load_workdir(workdir: str) -> Pretrained:
     FileNotFoundError: no config.json or no checkpoint. RuntimeError: none intact.
   """
   from byol_jax import train  # Local: train pulls in the optimiser stack.
-  config_path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+  config_path = os.path.join(workdir, run_config.CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path} not found: {workdir} is not a pretraining workdir "
                             "(byol-jax pretrain writes config.json beside checkpoints/).")
   with open(config_path) as f:
     c = config_from_json(json.load(f))
-  step = checkpoint.intact_step(workdir)
-  channels = _saved_channels(checkpoint.step_layout(workdir, step), workdir)
+  step = checkpoint_reader.intact_step(workdir)
+  channels = _saved_channels(checkpoint_reader.step_layout(workdir, step), workdir)
   deps = train.make_deps(c)
   template = jax.eval_shape(lambda key: train.init_state(c, deps, key, channels),
                             jax.random.PRNGKey(0))
-  state = checkpoint.restore_step(workdir, step, template)
+  state = checkpoint_reader.restore_step(workdir, step, template)
   return Pretrained(model=c.model, params=encoder_subtree(state.online_params),
                     state=encoder_subtree(state.online_state), image_size=int(c.image_size),
                     channels=channels, step=step, source="workdir")

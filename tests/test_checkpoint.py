@@ -1,5 +1,8 @@
 """Tests of checkpoint.py: round trips across topologies, retention, integrity, config guard.
 
+Integrity and the config guard are tested through the Checkpointer that applies them
+(integrity.py's manifests, run_config.py's config.json); the rule itself is test_run_config.py.
+
 The state is a small TrainState-shaped tree with a real optax chain state inside. Values are
 checked against the NumPy arrays the state was built from, on every local replica.
 Multi-process tests start local subprocesses that run this file as a script (`_child_main`).
@@ -20,7 +23,9 @@ import pytest
 
 from byol_jax import checkpoint
 from byol_jax import config as config_lib
+from byol_jax import integrity
 from byol_jax import parallel
+from byol_jax import run_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,7 +109,7 @@ def restore(workdir, config=None):
 
 def largest_file(step_dir):
   files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
-           if f != checkpoint.MANIFEST_FILE]
+           if f != integrity.MANIFEST_FILE]
   return max(files, key=os.path.getsize)
 
 
@@ -127,7 +132,7 @@ def test_restore_returns_saved_step_and_values_on_every_device(tmp_path):
 def test_empty_workdir_restores_none_and_records_config(tmp_path):
   config = small_config()
   assert restore(tmp_path, config) is None
-  with open(tmp_path / checkpoint.CONFIG_FILE) as f:
+  with open(tmp_path / run_config.CONFIG_FILE) as f:
     assert json.load(f) == json.loads(config.to_json_best_effort())
 
 
@@ -147,7 +152,7 @@ def test_keeps_last_k_verified_checkpoints(tmp_path, keep):
   steps = sorted(int(d) for d in os.listdir(tmp_path / checkpoint.CHECKPOINT_DIR))
   assert steps == [5, 10, 15, 20][-keep:]
   for step in steps:
-    assert checkpoint.verify_manifest(str(tmp_path / checkpoint.CHECKPOINT_DIR / str(step))) is None
+    assert integrity.verify_manifest(str(tmp_path / checkpoint.CHECKPOINT_DIR / str(step))) is None
 
 
 def test_retention_keeps_newest_verified_until_a_newer_one_is_verified():
@@ -243,7 +248,7 @@ def _truncate(path):
 
 
 def _delete_manifest(step_dir):
-  os.remove(os.path.join(step_dir, checkpoint.MANIFEST_FILE))
+  os.remove(os.path.join(step_dir, integrity.MANIFEST_FILE))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -283,15 +288,15 @@ def test_no_intact_checkpoint_raises_naming_each_step(tmp_path):
 def test_manifest_lists_every_file_of_the_step(tmp_path):
   save_steps(tmp_path, [5])
   step_dir = tmp_path / checkpoint.CHECKPOINT_DIR / "5"
-  with open(step_dir / checkpoint.MANIFEST_FILE) as f:
+  with open(step_dir / integrity.MANIFEST_FILE) as f:
     listed = json.load(f)["files"]
   on_disk = {os.path.relpath(os.path.join(r, f), step_dir)
-             for r, _, fs in os.walk(step_dir) for f in fs} - {checkpoint.MANIFEST_FILE}
+             for r, _, fs in os.walk(step_dir) for f in fs} - {integrity.MANIFEST_FILE}
   assert set(listed) == on_disk and len(on_disk) > 3
   for rel, entry in listed.items():
     assert entry["sha256"] == hashlib.sha256((step_dir / rel).read_bytes()).hexdigest()
   (step_dir / "stray").write_text("x")
-  assert "stray is not in the manifest" in checkpoint.verify_manifest(str(step_dir))
+  assert "stray is not in the manifest" in integrity.verify_manifest(str(step_dir))
 
 
 # ---------------------------------------------------------------- config guard
@@ -300,7 +305,7 @@ def test_manifest_lists_every_file_of_the_step(tmp_path):
 def test_config_change_in_state_defining_fields_is_refused_and_writes_nothing(tmp_path):
   save_steps(tmp_path, [5])
   assert restore(tmp_path, small_config())[0] == 5
-  config_file = tmp_path / checkpoint.CONFIG_FILE
+  config_file = tmp_path / run_config.CONFIG_FILE
   before = config_file.read_bytes()
   changed = small_config()
   changed.model.width = 2.0
@@ -313,7 +318,7 @@ def test_config_change_in_state_defining_fields_is_refused_and_writes_nothing(tm
                "optim.lars_order: saved 'momentum_first', now 'lr_first'", "another --workdir"):
     assert line in message
   assert config_file.read_bytes() == before
-  assert sorted(os.listdir(tmp_path)) == [checkpoint.CHECKPOINT_DIR, checkpoint.CONFIG_FILE]
+  assert sorted(os.listdir(tmp_path)) == [checkpoint.CHECKPOINT_DIR, run_config.CONFIG_FILE]
 
 
 def test_harmless_config_changes_resume_and_are_recorded(tmp_path):
@@ -326,22 +331,8 @@ def test_harmless_config_changes_resume_and_are_recorded(tmp_path):
   changed.dataset.data_dir = "/elsewhere"
   changed.optim.base_lr = 0.1
   assert restore(tmp_path, changed)[0] == 5
-  with open(tmp_path / checkpoint.CONFIG_FILE) as f:
+  with open(tmp_path / run_config.CONFIG_FILE) as f:
     assert json.load(f) == json.loads(changed.to_json_best_effort())
-
-
-def test_config_mismatches_rule():
-  saved = {"model": {"width": 1.0, "stem": "imagenet"}, "num_steps": 10, "precision": "float32",
-           "dataset": {"num_classes": 10, "data_dir": "a"}}
-  current = {"model": {"width": 1.0, "stem": "small", "new_field": 3}, "num_steps": 20,
-             "precision": "float32", "dataset": {"num_classes": 100, "data_dir": "b"}}
-  reasons = checkpoint.STATE_DEFINING_FIELDS
-  assert checkpoint.config_mismatches(saved, current) == [
-      f"dataset.num_classes: saved 10, now 100 ({reasons['dataset.num_classes']})",
-      f"model.new_field: saved <absent>, now 3 ({reasons['model.']})",
-      f"model.stem: saved 'imagenet', now 'small' ({reasons['model.']})",
-  ]
-  assert checkpoint.config_mismatches(saved, saved) == []
 
 
 # ---------------------------------------------------------------- processes and topologies
@@ -394,7 +385,7 @@ def test_checkpoints_move_between_1x4_2x2_and_1x1_topologies(tmp_path):
 def test_save_killed_in_flight_leaves_previous_checkpoint_usable(tmp_path):
   _run_children([("killed_mid_save", tmp_path)], devices=2)
   step10 = tmp_path / checkpoint.CHECKPOINT_DIR / "10"
-  assert not (step10 / checkpoint.MANIFEST_FILE).exists()
+  assert not (step10 / integrity.MANIFEST_FILE).exists()
   with make_checkpointer(tmp_path) as ckpt:
     step, state = ckpt.restore_or_none(replicated(host_state(0, 0, big=_BIG)), small_config())
   assert step == 5

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from byol_jax import config as config_lib
 from byol_jax import crops
 from byol_jax import data
+from byol_jax import prepare
 from byol_jax import sources
 
 tfds.disable_progress_bar()
@@ -133,7 +134,7 @@ def store(data_dir, name, splits):
   features = tfds.features.FeaturesDict({
       "image": tfds.features.Image(shape=(None, None, 3)),
       "label": tfds.features.ClassLabel(num_classes=16)})
-  sources.store_dataset(name, "1.0.0", features, {
+  prepare.store_dataset(name, "1.0.0", features, {
       split: [(str(i), {"image": b, "label": i}) for i, b in enumerate(items)]
       for split, items in splits.items()}, data_dir)
 

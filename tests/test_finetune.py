@@ -21,8 +21,8 @@ from byol_jax import data
 from byol_jax import finetune
 from byol_jax import networks
 from byol_jax import parallel
+from byol_jax import prepare
 from byol_jax import pretrained as pretrained_lib
-from byol_jax import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE, CHANNELS, CLASSES, BATCH = 8, 1, 10, 8
@@ -34,7 +34,7 @@ LR, MOMENTUM, E2E_STEPS = 0.05, 0.9, 2
 def fmnist(tmp_path_factory):
   root = tmp_path_factory.mktemp("fmnist")
   arrays = fakes.write_fashion_mnist(root / "idx", n_train=N_TRAIN, n_test=N_TEST)
-  sources.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))
+  prepare.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))
   return str(root / "tfds"), arrays
 
 

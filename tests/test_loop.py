@@ -17,6 +17,7 @@ import pytest
 import fakes
 from byol_jax import checkpoint
 from byol_jax import config as config_lib
+from byol_jax import integrity
 from byol_jax import loop
 from byol_jax import parallel
 from byol_jax import train
@@ -65,7 +66,7 @@ def test_pretrain_logs_checkpoints_evaluates_and_resumes(data_dir, tmp_path):
   steps = [m["step"] for m in read_metrics(tmp_path) if "loss" in m]
   assert steps == [1, 2, 3, 4]
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
-  assert (tmp_path / "checkpoints" / "4" / checkpoint.MANIFEST_FILE).exists()
+  assert (tmp_path / "checkpoints" / "4" / integrity.MANIFEST_FILE).exists()
   # Rerunning with a longer run resumes at step 4 instead of starting again.
   longer = smoke_config(data_dir, num_steps=6)
   again = loop.pretrain(longer, str(tmp_path), print_fn=lambda line: None)
@@ -108,7 +109,7 @@ def _wait_for(predicate, proc, timeout):
 def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
   steps, every = 40, 10
   killed = tmp_path / "killed"
-  manifest = killed / "checkpoints" / str(every) / checkpoint.MANIFEST_FILE
+  manifest = killed / "checkpoints" / str(every) / integrity.MANIFEST_FILE
   proc = _cli(_pretrain_args(data_dir, killed, steps, every))
   try:
     assert _wait_for(manifest.exists, proc, timeout=300), proc.communicate()[1][-3000:]
@@ -151,7 +152,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
   assert "preempted" in out
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(saved) == 1 and 0 < saved[0] < 400
-  assert (tmp_path / "checkpoints" / str(saved[0]) / checkpoint.MANIFEST_FILE).exists()
+  assert (tmp_path / "checkpoints" / str(saved[0]) / integrity.MANIFEST_FILE).exists()
 
 
 def _guards(**kw):
@@ -268,7 +269,7 @@ def test_nan_batch_is_skipped_logged_and_never_checkpointed(data_dir, tmp_path, 
   assert [logged[k]["nonfinite_total"] for k in range(1, 7)] == [0, 0, 1, 1, 1, 1]
   states = {k: _restore_step(workdir, c, k, tmp_path) for k in (2, 3, 4)}
   for state in states.values():
-    assert checkpoint.nonfinite_leaves(state) == []
+    assert integrity.nonfinite_leaves(state) == []
   # Step 3 consumed its batch (the counter moves on) but changed nothing else: the state
   # is the state of step 2, bit for bit, as if that batch had never been drawn.
   assert int(states[3].step) == 3
@@ -287,6 +288,6 @@ def test_k_nan_steps_in_a_row_stop_the_job_with_a_finite_checkpoint(data_dir, tm
   # Step 4's guard fired before its save: the newest checkpoint is step 2, intact and finite.
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2]
   step, state = restore_final(tmp_path, c)
-  assert step == 2 and checkpoint.nonfinite_leaves(state) == []
+  assert step == 2 and integrity.nonfinite_leaves(state) == []
   logged = [m for m in read_metrics(tmp_path) if "loss" in m]
   assert logged[-1]["step"] == 3 and logged[-1]["nonfinite_total"] == 1

@@ -30,6 +30,7 @@ import pytest
 import fakes
 from byol_jax import checkpoint
 from byol_jax import loop
+from byol_jax import run_config
 
 # test_loop's helpers: the smoke config on the data set the tests write, restoring.
 from test_loop import RECIPE, ROOT, restore_final, smoke_config
@@ -163,7 +164,7 @@ def test_processes_with_different_configs_stop_naming_the_field(data_dir, tmp_pa
   lines = [l for l in outputs[0].splitlines() if l.startswith("byol-jax: error:")]
   assert len(lines) == 1 and expected in lines[0], outputs[0][-3000:]
   # The check runs before anything is written.
-  assert not (tmp_path / checkpoint.CONFIG_FILE).exists()
+  assert not (tmp_path / run_config.CONFIG_FILE).exists()
   assert not (tmp_path / checkpoint.CHECKPOINT_DIR).exists()
 
 

@@ -19,6 +19,7 @@ import pytest
 from byol_jax import checkpoint
 from byol_jax import parallel
 from byol_jax import pretrained
+from byol_jax import run_config
 from byol_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def write_workdir(workdir, c, channels, steps, seed=0):
       state = random_state(c, channels, seed + i)._replace(step=np.int32(step))
       saved[step] = state
       ckpt.save(step, parallel.replicate(state), force=True)
-  checkpoint.save_config(str(workdir), c)
+  run_config.save_config(str(workdir), c)
   return saved
 
 
@@ -160,7 +161,7 @@ def test_directory_without_config_is_not_a_workdir(tmp_path):
 
 
 def test_workdir_without_checkpoints_says_so(tmp_path):
-  checkpoint.save_config(str(tmp_path), tiny_config())
+  run_config.save_config(str(tmp_path), tiny_config())
   with pytest.raises(FileNotFoundError, match="no checkpoints in .*byol-jax pretrain"):
     pretrained.load(str(tmp_path))
 

@@ -4,8 +4,8 @@ import tensorflow as tf
 
 import fakes
 from byol_jax import config as config_lib
+from byol_jax import prepare
 from byol_jax import preview
-from byol_jax import sources
 
 
 def test_grid_png_places_every_tile_at_its_row_and_column():
@@ -22,7 +22,7 @@ def test_grid_png_places_every_tile_at_its_row_and_column():
 
 def test_preview_rows_show_the_crops_and_their_augmented_views(tmp_path):
   fakes.write_fashion_mnist(tmp_path / "idx", n_train=16, n_test=4)
-  sources.prepare_fashion_mnist(str(tmp_path / "idx"), str(tmp_path / "tfds"))
+  prepare.prepare_fashion_mnist(str(tmp_path / "idx"), str(tmp_path / "tfds"))
   c = config_lib.base_config()
   c.dataset.update(dict(name="fashion_mnist", data_dir=str(tmp_path / "tfds"), num_classes=10,
                         num_train_examples=16, train_split="train", eval_split="test"))

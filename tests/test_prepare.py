@@ -1,4 +1,4 @@
-"""Tests of byol_jax.sources: Fashion-MNIST idx files and image folders become tfds data
+"""Tests of byol_jax.prepare: Fashion-MNIST idx files and image folders become tfds data
 sets that tfds and data.py read like any other."""
 import pathlib
 
@@ -10,10 +10,10 @@ import tensorflow_datasets as tfds
 from fakes import write_fashion_mnist, write_idx
 from byol_jax import config as config_lib
 from byol_jax import data
-from byol_jax import sources
+from byol_jax import prepare
 
 tfds.disable_progress_bar()
-REAL_FASHION_MNIST = pathlib.Path(sources.FASHION_MNIST_DIR)
+REAL_FASHION_MNIST = pathlib.Path(prepare.FASHION_MNIST_DIR)
 
 
 def load(name, data_dir, split):
@@ -34,7 +34,7 @@ def test_prepared_fashion_mnist_loads_with_tfds_features_and_the_idx_contents(tm
   source, data_dir = tmp_path / "idx", tmp_path / "tfds"
   source.mkdir()
   arrays = write_fashion_mnist(source)
-  out = sources.prepare_fashion_mnist(str(source), str(data_dir))
+  out = prepare.prepare_fashion_mnist(str(source), str(data_dir))
   assert out == str(data_dir)
   builder = tfds.builder("fashion_mnist", data_dir=out)
   # tfds's own builder, never prepared here, describes the features we must match.
@@ -50,7 +50,7 @@ def test_prepared_fashion_mnist_loads_with_tfds_features_and_the_idx_contents(tm
   info_file = pathlib.Path(builder.data_dir) / "dataset_info.json"
   stamp = info_file.stat().st_mtime_ns
   write_fashion_mnist(source, seed=1)  # Different files: a rebuild would change the data.
-  assert sources.prepare_fashion_mnist(str(source), str(data_dir)) == out
+  assert prepare.prepare_fashion_mnist(str(source), str(data_dir)) == out
   assert info_file.stat().st_mtime_ns == stamp
   assert as_multiset(*load("fashion_mnist", out, "test")) == as_multiset(*arrays["test"])
 
@@ -93,25 +93,25 @@ def test_malformed_idx_files_raise_clear_errors(tmp_path, damage, message):
     labels.unlink()
   error = FileNotFoundError if damage == "missing" else ValueError
   with pytest.raises(error, match=message):
-    sources.prepare_fashion_mnist(str(tmp_path), str(tmp_path / "tfds"))
+    prepare.prepare_fashion_mnist(str(tmp_path), str(tmp_path / "tfds"))
 
 
 def test_png_encoder_is_lossless():
   rng = np.random.default_rng(0)
   for shape in ((28, 28), (3, 17), (1, 1)):
     image = rng.integers(0, 256, shape).astype(np.uint8)
-    decoded = tf.io.decode_png(sources.encode_png_gray(image)).numpy()
+    decoded = tf.io.decode_png(prepare.encode_png_gray(image)).numpy()
     np.testing.assert_array_equal(decoded[..., 0], image)
 
 
 def test_real_fashion_mnist_files_prepare_into_the_full_data_set(tmp_path):
   assert REAL_FASHION_MNIST.is_dir(), (
       f"{REAL_FASHION_MNIST} is missing: apt-get install dataset-fashion-mnist")
-  arrays = sources.read_fashion_mnist(str(REAL_FASHION_MNIST))
+  arrays = prepare.read_fashion_mnist(str(REAL_FASHION_MNIST))
   # Published facts: 60k/10k images, each of the 10 classes 6000/1000 times.
   np.testing.assert_array_equal(np.bincount(arrays["train"][1]), [6000] * 10)
   np.testing.assert_array_equal(np.bincount(arrays["test"][1]), [1000] * 10)
-  out = sources.prepare_fashion_mnist(str(REAL_FASHION_MNIST), str(tmp_path))
+  out = prepare.prepare_fashion_mnist(str(REAL_FASHION_MNIST), str(tmp_path))
   builder = tfds.builder("fashion_mnist", data_dir=out)
   assert builder.info.splits["train"].num_examples == 60000
   assert builder.info.splits["test"].num_examples == 10000
@@ -141,7 +141,7 @@ def test_image_folder_with_train_and_test_becomes_a_tfds_data_set(tmp_path):
   broken = root / "train/cat/broken.jpg"
   broken.write_bytes(files[("train", "cat", "a.jpg")][:200])
   (root / "train/dog/notes.txt").write_text("not an image")
-  report = sources.prepare_image_folder(str(root), "byol_test_folder", str(tmp_path / "tfds"))
+  report = prepare.prepare_image_folder(str(root), "byol_test_folder", str(tmp_path / "tfds"))
   assert report.class_names == ["cat", "dog"]
   assert report.split_sizes == {"train": 4, "test": 1}
   assert sorted(p for p, _ in report.skipped) == [str(broken), str(root / "train/dog/notes.txt")]
@@ -160,14 +160,14 @@ def test_image_folder_with_train_and_test_becomes_a_tfds_data_set(tmp_path):
   it = data.eval_dataset(c, "train", local_device_count=1)
   batch = next(it)
   assert batch["mask"].sum() == 4 and it.skipped_images == 0  # PNG-named .jpg decodes.
-  again = sources.prepare_image_folder(str(root), "byol_test_folder", str(tmp_path / "tfds"))
+  again = prepare.prepare_image_folder(str(root), "byol_test_folder", str(tmp_path / "tfds"))
   assert again.split_sizes == report.split_sizes and again.skipped == []
 
 
 def test_flat_image_folder_gives_a_train_split(tmp_path):
   for i, label in enumerate(["b_class", "a_class", "b_class"]):
     write_image(tmp_path / "flat" / label / f"{i}.jpg", i)
-  report = sources.prepare_image_folder(str(tmp_path / "flat"), "byol_test_flat",
+  report = prepare.prepare_image_folder(str(tmp_path / "flat"), "byol_test_flat",
                                         str(tmp_path / "tfds"))
   assert report.class_names == ["a_class", "b_class"]
   assert report.split_sizes == {"train": 3}
@@ -180,13 +180,13 @@ def test_image_folder_errors_name_the_problem(tmp_path):
   write_image(root / "full" / "x.jpg", 0)
   (root / "empty").mkdir()
   with pytest.raises(ValueError, match=r"\['empty'\] .* have no readable images"):
-    sources.prepare_image_folder(str(root), "byol_test_empty", str(tmp_path / "tfds"))
+    prepare.prepare_image_folder(str(root), "byol_test_empty", str(tmp_path / "tfds"))
   (root / "empty" / "bad.jpg").write_bytes(b"corrupt")
   with pytest.raises(ValueError, match="no readable images"):  # All skipped: empty too.
-    sources.prepare_image_folder(str(root), "byol_test_empty", str(tmp_path / "tfds"))
+    prepare.prepare_image_folder(str(root), "byol_test_empty", str(tmp_path / "tfds"))
   with pytest.raises(ValueError, match="snake_case"):
-    sources.prepare_image_folder(str(root), "Bad-Name", str(tmp_path / "tfds"))
+    prepare.prepare_image_folder(str(root), "Bad-Name", str(tmp_path / "tfds"))
   with pytest.raises(ValueError, match="tfds catalogue"):
-    sources.prepare_image_folder(str(root), "imagenette", str(tmp_path / "tfds"))
+    prepare.prepare_image_folder(str(root), "imagenette", str(tmp_path / "tfds"))
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    sources.prepare_image_folder(str(tmp_path / "nope"), "byol_test_x", str(tmp_path / "tfds"))
+    prepare.prepare_image_folder(str(tmp_path / "nope"), "byol_test_x", str(tmp_path / "tfds"))

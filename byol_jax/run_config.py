@@ -1,0 +1,92 @@
+"""A workdir's config.json: the record of a run's config and the guard on resuming it.
+
+Apart from checkpoint.py because it concerns the config, not the arrays: the Checkpointer
+applies the guard before a restore, the loop compares processes' configs in the form saved
+here (`config_to_dict`), and pretrained.py reads config.json back to rebuild the network.
+"""
+import json
+import os
+from typing import Mapping
+
+import jax
+import ml_collections
+
+from byol_jax import files as file_io
+
+CONFIG_FILE = "config.json"
+
+# The rule for resuming a workdir with an edited config: every field listed here (a key ending
+# in "." covers all fields below it) must equal the saved value, because it fixes the shapes,
+# dtypes or meaning of the saved TrainState. Every other field may change between runs: run
+# length (num_steps, num_epochs), batch size and learning-rate values, logging, checkpoint and
+# evaluation cadence, data location (dataset.data_dir), augmentation strengths.
+STATE_DEFINING_FIELDS = {
+    "model.": "the network architecture: parameter and batch-norm state shapes",
+    "precision": "the dtype of the parameters",
+    "dataset.num_classes": "the shape of the online linear probe",
+    "dataset.name": "the classes the probe predicts and the data the state has learnt from",
+    "optim.lars_order": "the meaning of the LARS momentum buffer in opt_state",
+}
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON values (what config.json holds), so saved and new compare equal."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_mismatches(saved: Mapping, current: Mapping) -> list[str]:
+  """State-defining fields (STATE_DEFINING_FIELDS) whose values differ.
+
+  Args:
+    saved, current: configs as nested dicts (`config_to_dict`).
+
+  Returns:
+    Lines "field: saved X, now Y (what the field defines)" sorted by field; a field missing
+    on one side counts as a difference. Empty when the saved state can be resumed.
+  """
+  old, new = _flatten(saved), _flatten(current)
+  show = lambda flat, field: repr(flat[field]) if field in flat else "<absent>"  # noqa: E731
+  lines = []
+  for field in sorted(set(old) | set(new)):
+    rule = next((k for k in STATE_DEFINING_FIELDS
+                 if (field.startswith(k) if k.endswith(".") else field == k)), None)
+    if rule and (field not in old or field not in new or old[field] != new[field]):
+      lines.append(f"{field}: saved {show(old, field)}, now {show(new, field)} "
+                   f"({STATE_DEFINING_FIELDS[rule]})")
+  return lines
+
+
+def check_config_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError when workdir's config.json differs in a state-defining field.
+
+  Writes nothing. A workdir without config.json passes.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  lines = config_mismatches(saved, config_to_dict(config))
+  if lines:
+    raise ValueError(
+        f"--workdir={workdir} holds a run whose config differs in fields that define the "
+        "saved state, so it cannot be resumed:\n  " + "\n  ".join(lines) +
+        f"\nFix: pass another --workdir for the new config, or rerun with the values saved "
+        f"in {path}.")
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes workdir/config.json atomically (process 0 only)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    file_io.write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))

@@ -1,0 +1,20 @@
+"""Tests of run_config.py: which config changes a saved run refuses.
+
+Resuming through the Checkpointer (refused and accepted changes, what config.json holds) is
+tested in test_checkpoint.py.
+"""
+from byol_jax import run_config
+
+
+def test_config_mismatches_rule():
+  saved = {"model": {"width": 1.0, "stem": "imagenet"}, "num_steps": 10, "precision": "float32",
+           "dataset": {"num_classes": 10, "data_dir": "a"}}
+  current = {"model": {"width": 1.0, "stem": "small", "new_field": 3}, "num_steps": 20,
+             "precision": "float32", "dataset": {"num_classes": 100, "data_dir": "b"}}
+  reasons = run_config.STATE_DEFINING_FIELDS
+  assert run_config.config_mismatches(saved, current) == [
+      f"dataset.num_classes: saved 10, now 100 ({reasons['dataset.num_classes']})",
+      f"model.new_field: saved <absent>, now 3 ({reasons['model.']})",
+      f"model.stem: saved 'imagenet', now 'small' ({reasons['model.']})",
+  ]
+  assert run_config.config_mismatches(saved, saved) == []
