@@ -6,18 +6,18 @@ import sys
 
 import pytest
 
-from byol_jax import sources
+from byol_jax import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def prepared_fashion_mnist(tmp_path_factory) -> str:
   """Debian's Fashion-MNIST idx files prepared as a tfds data set in a fresh folder."""
-  if not os.path.isdir(sources.FASHION_MNIST_DIR):
-    pytest.fail(f"{sources.FASHION_MNIST_DIR} is missing: run `bash scripts/setup.sh` as root "
+  if not os.path.isdir(prepare.FASHION_MNIST_DIR):
+    pytest.fail(f"{prepare.FASHION_MNIST_DIR} is missing: run `bash scripts/setup.sh` as root "
                 "(it installs Debian's dataset-fashion-mnist).")
   out = str(tmp_path_factory.mktemp("tfds"))
-  sources.prepare_fashion_mnist(sources.FASHION_MNIST_DIR, out)
+  prepare.prepare_fashion_mnist(prepare.FASHION_MNIST_DIR, out)
   return out
 
 
