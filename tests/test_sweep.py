@@ -35,6 +35,9 @@ INTENDED = {
     "normalisation": ("model.norm",),
     "batch_size": ("batch_size",),
     "augmentations": ("augment.view1.", "augment.view2."),
+    "small_images": ("batch_size", "target.tau_base", "augment.view1.blur_prob",
+                     "augment.view2.blur_prob", "augment.crop_area_min", "optim.base_lr",
+                     "linear.standardize", "linear.learning_rates"),
 }
 DEVICE_OPS = ("flip", "color_jitter", "grayscale", "blur", "solarize")
 
@@ -110,7 +113,7 @@ KEPT_OPS = {"baseline": DEVICE_OPS, "no_grayscale": ("flip", "color_jitter", "bl
 
 
 def test_augmentation_runs_keep_only_their_ops():
-  runs = runs_of("augmentations")
+  runs = runs_of("augmentations", RECIPES[0])  # ImageNet: the paper's augmentations.
   assert sorted(runs) == sorted(KEPT_OPS)
   for name, ops in KEPT_OPS.items():
     for view in (1, 2):
@@ -118,6 +121,13 @@ def test_augmentation_runs_keep_only_their_ops():
       for op in DEVICE_OPS:
         prob = runs[name].augment[f"view{view}"][f"{op}_prob"]
         assert prob == (paper[f"{op}_prob"] if op in ops else 0.0), (name, view, op)
+
+
+def test_augmentation_runs_keep_the_recipes_probabilities_of_kept_ops():
+  recipe = sweep.load_recipe(SMOKE)  # Fashion-MNIST: no blur in either view.
+  baseline = runs_of("augmentations")["baseline"]
+  assert baseline.augment.to_dict() == recipe.augment.to_dict()
+  assert baseline.augment.view1.blur_prob == 0.0
 
 
 def test_crop_only_views_are_the_identity_on_the_device():
