@@ -22,7 +22,9 @@ by a measured run (seed 0, linear top-1 on the 10k test images):
   (`byol-jax sweep` over these overrides; the commands are in experiments/README.md.)
 - the linear protocol on precomputed features (`linear.mode='features'`), standardised
   (`linear.standardize`), base learning rates 1.0 ... 0.05.
-Measured results of this recipe: README.md, "Results".
+This recipe, seed 0, 2 CPU cores: 12.3 min of pretraining, then linear top-1 80.31% / top-5
+99.53% (a random encoder of the same architecture: 67.22%); the goal of >= 88% from a
+~15-minute run is not reached. More figures: README.md, "Results".
 """
 from byol_jax import config as config_lib
 
