@@ -184,7 +184,7 @@ def test_features_mode_end_to_end_writes_results(data_dir, encoder, tmp_path, st
 
 
 def test_augmented_mode_end_to_end(data_dir, encoder, tmp_path):
-  c = recipe(data_dir, mode="augmented", num_epochs=1.0, learning_rates=(0.1,))
+  c = recipe(data_dir, mode="augmented", standardize=False, num_epochs=1.0, learning_rates=(0.1,))
   result = linear_eval.run(c, encoder, str(tmp_path), print_fn=lambda line: None)
   saved = read_results(tmp_path, linear_eval.RESULTS_FILE)
   assert saved["mode"] == "augmented" and saved["steps"] == 64 // 16
