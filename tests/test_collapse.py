@@ -1,11 +1,15 @@
-"""The paper's collapse ablations on real data (Fashion-MNIST), through `byol-jax sweep`.
+"""The paper's collapse ablation on real data (Fashion-MNIST), through `byol-jax sweep`.
 
-Marked slow (about 15 minutes on 2 CPU cores): run with `pytest -m slow`. Three runs of the
+Marked slow (about 12 minutes on 2 idle CPU cores): run with `pytest -m slow`. Two runs of the
 recipe's short ablation base (`configs/byol_fashion_mnist.py:ablation`, seed 0) go through
-the sweep command as a user runs it: BYOL as is, BYOL without the predictor, and BYOL with
-tau = 0 (the target is the online network of the previous step). BYOL section 5 / Table 5a:
-the last two collapse. Each is compared with the linear protocol on a random encoder of the
-same architecture (`--pretrained=random`).
+the sweep command as a user runs it: BYOL as is and BYOL without the predictor (BYOL
+section 5: the representation collapses). Both are compared with the linear protocol on a
+random encoder of the same architecture (`--pretrained=random`).
+
+Measured (seed 0, 2 CPU cores): BYOL 71.60%, no predictor 59.82% (collapse_std * sqrt(d) =
+0.037), random encoder 61.02%. The paper's other collapse, tau = 0 (Table 5a: 0.3%), does
+not happen at this scale: with the predictor kept, tau = 0 gave 73.64% and a healthy spread
+(0.81), better than tau_base 0.96 - so it is not asserted here (experiments/README.md).
 """
 import csv
 import json
@@ -23,7 +27,6 @@ def get_sweep():
   return [
       {"name": "byol", "overrides": {}},
       {"name": "no_predictor", "overrides": {"model.use_predictor": False}},
-      {"name": "tau_0", "overrides": {"target.tau_base": 0.0, "target.schedule": "constant"}},
   ]
 '''
 
@@ -33,7 +36,7 @@ def data_dir(tmp_path_factory):
   return real_runs.prepared_fashion_mnist(tmp_path_factory)
 
 
-def test_no_predictor_and_tau_0_collapse_byol_does_not(data_dir, tmp_path):
+def test_without_predictor_byol_collapses_to_no_better_than_random(data_dir, tmp_path):
   sweep_file = tmp_path / "collapse.py"
   sweep_file.write_text(SWEEP)
   flags = [f"--config={BASE}", f"--config.dataset.data_dir={data_dir}"]
@@ -52,6 +55,5 @@ def test_no_predictor_and_tau_0_collapse_byol_does_not(data_dir, tmp_path):
   assert all(row["status"] == "done" for row in rows.values()), rows
   assert spread["byol"] > 0.5
   assert top1["byol"] >= random + 0.02
-  for name in ("no_predictor", "tau_0"):
-    assert spread[name] < 0.05, (name, spread[name])  # The loop's collapse threshold.
-    assert top1[name] <= random + 0.01, (name, top1[name], random)
+  assert spread["no_predictor"] < 0.05  # The loop's collapse threshold.
+  assert top1["no_predictor"] <= random + 0.01
