@@ -15,6 +15,7 @@ ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resne
 STEMS = ("imagenet", "small")
 NORMS = ("batch", "group_ws", "none")
 PADDINGS = ("same", "symmetric")
+CONV_IMPLS = ("lax", "taps")
 PRECISIONS = ("float32", "bfloat16")
 TAU_SCHEDULES = ("cosine", "constant")
 TARGET_INITS = ("copy", "separate")
@@ -86,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
       predictor_hidden=4096,
       use_predictor=True,
       padding="same",
+      # How convolutions and the stem's max-pool are computed (layers.CONV_IMPLS); same
+      # parameters and outputs either way. 'lax' (XLA's ops) for TPUs and GPUs; 'taps'
+      # (strided slices and one matmul) is several times faster on CPUs for small images.
+      conv_impl="lax",
       # Standardise inputs with ImageNet channel statistics inside the network, as the
       # authors' release does; exported encoders then take plain [0, 1] pixels.
       normalize_inputs=True,
@@ -194,6 +199,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(c.model.stem, "model.stem", STEMS)
   _choice(c.model.norm, "model.norm", NORMS)
   _choice(c.model.padding, "model.padding", PADDINGS)
+  _choice(c.model.conv_impl, "model.conv_impl", CONV_IMPLS)
   _choice(c.precision, "precision", PRECISIONS)
   _choice(c.target.schedule, "target.schedule", TAU_SCHEDULES)
   _choice(c.target.init, "target.init", TARGET_INITS)

@@ -63,11 +63,13 @@ def _check_width(width: float) -> None:
 def _layers_from_config(model_cfg: ml_collections.ConfigDict, axis_name) -> layers_lib.Layers:
   layers_lib.lookup(layers_lib.NORMS, model_cfg.norm, "model.norm")
   layers_lib.lookup(layers_lib.PADDINGS, model_cfg.padding, "model.padding")
+  layers_lib.lookup(layers_lib.CONV_IMPLS, model_cfg.conv_impl, "model.conv_impl")
   layers_lib.group_count(1, model_cfg.gn_groups)  # Validates gn_groups >= 1.
   _check_width(model_cfg.width)
   return layers_lib.Layers(norm=model_cfg.norm, padding=model_cfg.padding,
                            bn_decay=model_cfg.bn_decay, bn_eps=model_cfg.bn_eps,
-                           gn_groups=model_cfg.gn_groups, axis_name=axis_name)
+                           gn_groups=model_cfg.gn_groups, conv_impl=model_cfg.conv_impl,
+                           axis_name=axis_name)
 
 
 def _encoder_builder(model_cfg: ml_collections.ConfigDict, layers: layers_lib.Layers):

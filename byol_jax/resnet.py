@@ -161,6 +161,7 @@ class ResNet(hk.Module):
     super().__init__(name=name)
     check_zero_init(zero_init_residual, resnet_v2, layers.norm)
     self._stem, self._padding, self._v2 = stem, layers.padding, resnet_v2
+    self._conv_impl = layers.conv_impl
     channels = layers_lib.scaled_channels(64, width)
     self._initial_conv = layers.conv(channels, stem.kernel, stem.stride, "initial_conv")
     if not resnet_v2:
@@ -181,7 +182,7 @@ class ResNet(hk.Module):
     if not self._v2:
       x = jax.nn.relu(self._initial_norm(x, is_training))
     if self._stem.max_pool:
-      x = layers_lib.max_pool(x, self._padding)
+      x = layers_lib.max_pool(x, self._padding, self._conv_impl)
     for group in self._groups:
       x = group(x, is_training)
     if self._v2:

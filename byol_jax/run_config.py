@@ -27,6 +27,9 @@ STATE_DEFINING_FIELDS = {
     "dataset.name": "the classes the probe predicts and the data the state has learnt from",
     "optim.lars_order": "the meaning of the LARS momentum buffer in opt_state",
 }
+# Fields under a state-defining prefix that leave the saved state's meaning unchanged: a run
+# may resume on another platform with the other way of computing convolutions.
+FREE_FIELDS = frozenset({"model.conv_impl"})
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -58,8 +61,9 @@ def config_mismatches(saved: Mapping, current: Mapping) -> list[str]:
   show = lambda flat, field: repr(flat[field]) if field in flat else "<absent>"  # noqa: E731
   lines = []
   for field in sorted(set(old) | set(new)):
-    rule = next((k for k in STATE_DEFINING_FIELDS
-                 if (field.startswith(k) if k.endswith(".") else field == k)), None)
+    rule = None if field in FREE_FIELDS else next(
+        (k for k in STATE_DEFINING_FIELDS
+         if (field.startswith(k) if k.endswith(".") else field == k)), None)
     if rule and (field not in old or field not in new or old[field] != new[field]):
       lines.append(f"{field}: saved {show(old, field)}, now {show(new, field)} "
                    f"({STATE_DEFINING_FIELDS[rule]})")

@@ -104,6 +104,7 @@ def test_registries_hold_exactly_the_config_names():
   assert set(resnet.STEMS) == set(config_lib.STEMS)
   assert set(layers_lib.NORMS) == set(config_lib.NORMS)
   assert set(layers_lib.PADDINGS) == set(config_lib.PADDINGS)
+  assert set(layers_lib.CONV_IMPLS) == set(config_lib.CONV_IMPLS)
   assert set(networks.PRECISIONS) == set(config_lib.PRECISIONS)
 
 
