@@ -92,18 +92,3 @@ def restore_step(workdir: str, step: int, template_state: PyTree,
   with ocp.StandardCheckpointer() as reader:
     return reader.restore(_item_dir(workdir, step), targets)
 
-
-def restore_latest(workdir: str, template_state: PyTree,
-                   device: jax.Device | None = None) -> tuple[int, PyTree]:
-  """(step, state) of the newest intact checkpoint, read-only (nothing written or moved).
-
-  Args:
-    workdir: a pretraining workdir.
-    template_state: unreplicated template, leaves [...] (see `restore_step`).
-    device: where the arrays land (default: the host CPU device).
-
-  Raises:
-    FileNotFoundError / RuntimeError: see `intact_step`. ValueError: see `restore_step`.
-  """
-  step = intact_step(workdir)
-  return step, restore_step(workdir, step, template_state, device)
