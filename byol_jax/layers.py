@@ -114,7 +114,7 @@ def conv_lax(x: Array, w: Array, stride: int, padding) -> Array:
 # reduce_window. 'taps': the k*k strided slices a window reads are concatenated along
 # channels and multiplied with the kernel as one matrix (im2col); the max-pool takes the
 # first maximum over its 9 taps. On CPUs 'taps' ran the encoder 2.6x faster on the small
-# feature maps of 28-32 px images, where XLA's convolution runs at a few GFLOP/s
+# feature maps of the 28 px Fashion-MNIST recipe, where XLA's convolution runs at a few GFLOP/s
 # (`byol-jax bench step` figures in README); on TPUs and GPUs keep 'lax'. 'taps' holds
 # each conv's k*k taps in memory: the Fashion-MNIST step needs about twice the activations.
 CONV_IMPLS = {"lax": conv_lax, "taps": conv_taps}
