@@ -1,12 +1,141 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the whole new one, never a
-partial one. Every small JSON/text file byol_jax writes beside its results goes through here."""
+"""Every user path is a URL: local paths and `gs://bucket/...` through one filesystem layer.
+
+All reads and writes of byol_jax's files (config.json, metrics.jsonl, manifests, results,
+exports, sweep tables, plots, previews, `--pretrained=` inputs) go through this module,
+which is built on `etils.epath` (what orbax and tfds use; `gs://` goes through
+`tf.io.gfile`, or through fsspec/gcsfs when EPATH_USE_TF=false). No other module calls
+`open`/`os.path`/`os.replace` on a user path.
+
+A URL whose scheme no backend handles is refused with a ValueError naming it; it never
+falls back to a local folder named after the scheme (`./gs:/...`).
+
+Atomic writes: on a local filesystem `write_bytes_atomic` writes a temporary sibling,
+fsyncs it and renames it over the target, so a reader or a crash sees the old file or the
+new one. On an object store (gs://) one upload creates an object whole or not at all, so
+the object is written directly: readers never see half an object either, but there is
+no rename, and a crash mid-upload leaves the previous version.
+"""
 import json
 import os
 from typing import Any
 
+from etils import epath
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to path.tmp-<pid>, fsyncs it and renames it over `path`."""
+PathLike = str | os.PathLike
+
+
+def scheme(url: PathLike) -> str | None:
+  """'gs' for 'gs://b/x', None for a local path."""
+  text = os.fspath(url)
+  head, sep, _ = text.partition("://")
+  return head if sep and "/" not in head else None
+
+
+def is_local(url: PathLike) -> bool:
+  """True for a path on the local filesystem (no URL scheme)."""
+  return scheme(url) is None
+
+
+def as_path(url: PathLike) -> epath.Path:
+  """`url` as an epath.Path; raises ValueError if no filesystem handles its scheme.
+
+  Raises:
+    ValueError: an unknown scheme (named, with the supported ones).
+  """
+  try:
+    return epath.Path(url)
+  except KeyError:
+    raise ValueError(
+        f"{os.fspath(url)}: no filesystem handles the scheme '{scheme(url)}://' here "
+        "(byol_jax reads and writes local paths and gs:// URLs); use one of those.") from None
+
+
+def check_url(url: PathLike) -> str:
+  """Validates `url` (see `as_path`) and returns it as a string, unchanged."""
+  as_path(url)
+  return os.fspath(url)
+
+
+def join(url: PathLike, *parts: str) -> str:
+  """URL-aware `os.path.join`: join('gs://b/run', 'x') == 'gs://b/run/x'."""
+  return os.fspath(as_path(url).joinpath(*parts))
+
+
+def basename(url: PathLike) -> str:
+  return as_path(url).name
+
+
+def parent(url: PathLike) -> str:
+  return os.fspath(as_path(url).parent)
+
+
+def exists(url: PathLike) -> bool:
+  return as_path(url).exists()
+
+
+def is_dir(url: PathLike) -> bool:
+  return as_path(url).is_dir()
+
+
+def is_file(url: PathLike) -> bool:
+  path = as_path(url)
+  return path.exists() and not path.is_dir()
+
+
+def listdir(url: PathLike) -> list[str]:
+  """Names (not paths) of the entries of a directory, sorted; [] if it does not exist."""
+  path = as_path(url)
+  if not path.is_dir():
+    return []
+  return sorted(child.name for child in path.iterdir())
+
+
+def makedirs(url: PathLike) -> None:
+  as_path(url).mkdir(parents=True, exist_ok=True)
+
+
+def read_bytes(url: PathLike) -> bytes:
+  return as_path(url).read_bytes()
+
+
+def read_text(url: PathLike) -> str:
+  return as_path(url).read_text()
+
+
+def read_json(url: PathLike) -> Any:
+  return json.loads(read_text(url))
+
+
+def size(url: PathLike) -> int:
+  return as_path(url).stat().length
+
+
+def remove(url: PathLike) -> None:
+  """Removes a file, or a directory with everything under it; nothing if missing."""
+  path = as_path(url)
+  if path.is_dir():
+    path.rmtree()
+  elif path.exists():
+    path.unlink()
+
+
+def rename(src: PathLike, dst: PathLike) -> None:
+  """Moves src to dst (a directory moves whole; on an object store, copy + delete)."""
+  as_path(src).rename(as_path(dst))
+
+
+def write_bytes_atomic(url: PathLike, data: bytes) -> None:
+  """Writes `data` to `url`, whole or not at all (see the module docstring).
+
+  Locally: url.tmp-<pid>, fsynced, renamed over `url`; the parent directory is created.
+  """
+  if not is_local(url):
+    path = as_path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return
+  path = os.fspath(url)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with open(tmp, "wb") as f:
@@ -19,11 +148,11 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
       os.remove(tmp)
 
 
-def write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(url: PathLike, text: str) -> None:
   """`text` as UTF-8, written atomically (see `write_bytes_atomic`)."""
-  write_bytes_atomic(path, text.encode("utf-8"))
+  write_bytes_atomic(url, text.encode("utf-8"))
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
+def write_json_atomic(url: PathLike, obj: Any) -> None:
   """`obj` as indented, key-sorted JSON, written atomically (see `write_text_atomic`)."""
-  write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+  write_text_atomic(url, json.dumps(obj, indent=1, sort_keys=True))
