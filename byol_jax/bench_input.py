@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from byol_jax import crops
 from byol_jax import data
+from byol_jax import files
 from byol_jax import prepare
 
 BENCH_NAME = "byol_bench_jpegs"
@@ -162,7 +163,7 @@ def input_benchmark(config, num_images: int = 512, workdir: str | None = None,
     sizes, and every run's (wall, cpu) figures under 'runs'.
   """
   owned = None if workdir else tempfile.TemporaryDirectory()
-  data_dir = os.path.join(workdir or owned.name, "tfds")
+  data_dir = files.join(workdir or owned.name, "tfds")
   sizes = write_jpegs(data_dir, num_images)
   bench = config.copy_and_resolve_references()
   bench.unlock()

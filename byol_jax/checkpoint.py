@@ -17,7 +17,6 @@ device: 2 processes x 2 devices restores on 1 x 4 or 1 x 1 and back. No pickle a
 Reading a workdir without writing to it (evaluation, export) is checkpoint_reader.py.
 """
 import dataclasses
-import os
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -27,6 +26,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from byol_jax import files
 from byol_jax import integrity
 from byol_jax import parallel
 from byol_jax import run_config
@@ -183,8 +183,8 @@ class Checkpointer:
     if every_steps < 1 or keep < 1:
       raise ValueError(f"checkpoint every_steps={every_steps} and keep={keep} must be >= 1 "
                        "(set --config.checkpoint.every_steps / --config.checkpoint.keep).")
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+    self.workdir = files.absolute(workdir)
+    self.directory = files.join(self.workdir, CHECKPOINT_DIR)
     self._pending = None  # Step saved by orbax in the background, not yet manifested.
     self._policy = KeepLatestVerified(keep, self._has_manifest)
     policies = ocp.checkpoint_managers
@@ -203,10 +203,10 @@ class Checkpointer:
     return cls(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return files.join(self.directory, str(step))
 
   def _has_manifest(self, step: int) -> bool:
-    return os.path.exists(os.path.join(self.step_dir(step), integrity.MANIFEST_FILE))
+    return files.exists(files.join(self.step_dir(step), integrity.MANIFEST_FILE))
 
   def all_steps(self) -> list[int]:
     """Steps on disk (verified or not), ascending."""
@@ -217,7 +217,7 @@ class Checkpointer:
     step, self._pending = self._pending, None
     if step is None or jax.process_index() != 0:
       return
-    if os.path.isdir(self.step_dir(step)):
+    if files.is_dir(self.step_dir(step)):
       integrity.write_manifest(self.step_dir(step))
     else:
       logging.error("checkpoint save of step %d did not complete: %s is missing.",
@@ -334,7 +334,7 @@ class Checkpointer:
         self._quarantine([s for s, _ in skipped])
         logging.warning("restored checkpoint step %d after skipping corrupt newer steps %s "
                         "(moved to %s).", step, [s for s, _ in skipped],
-                        os.path.join(self.workdir, QUARANTINE_DIR))
+                        files.join(self.workdir, QUARANTINE_DIR))
       run_config.save_config(self.workdir, config)
       return step, state
     if skipped:
@@ -355,13 +355,13 @@ class Checkpointer:
 
   def _quarantine(self, steps: Sequence[int]) -> None:
     if jax.process_index() == 0:
-      target_root = os.path.join(self.workdir, QUARANTINE_DIR)
-      os.makedirs(target_root, exist_ok=True)
+      target_root = files.join(self.workdir, QUARANTINE_DIR)
+      files.makedirs(target_root)
       for step in steps:
-        target, n = os.path.join(target_root, str(step)), 1
-        while os.path.exists(target):
-          target, n = os.path.join(target_root, f"{step}.{n}"), n + 1
-        os.rename(self.step_dir(step), target)
+        target, n = files.join(target_root, str(step)), 1
+        while files.exists(target):
+          target, n = files.join(target_root, f"{step}.{n}"), n + 1
+        files.rename(self.step_dir(step), target)
     if jax.process_count() > 1:
       ocp.multihost.sync_global_processes("byol_jax_checkpoint_quarantine")
     self._manager.reload()

@@ -5,7 +5,6 @@ replicated state or CheckpointManager, and lands the arrays on one device: it pi
 newest step whose manifest matches (integrity.py) and restores it into an unreplicated
 template, refusing a template whose leaves differ from the saved ones.
 """
-import os
 from typing import Any
 
 from absl import logging
@@ -14,6 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from byol_jax import checkpoint
+from byol_jax import files
 from byol_jax import integrity
 
 PyTree = Any
@@ -29,17 +29,16 @@ def intact_step(workdir: str) -> int:
     FileNotFoundError: no checkpoint directory or no saved step.
     RuntimeError: steps exist but none is intact (each problem is named).
   """
-  directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  directory = files.join(workdir, checkpoint.CHECKPOINT_DIR)
   # Orbax names a save in flight '<step>.orbax-checkpoint-tmp-*': only bare numbers count.
-  steps = sorted((int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else ())
-                  if n.isdigit()), reverse=True)
+  steps = sorted((int(n) for n in files.listdir(directory) if n.isdigit()), reverse=True)
   if not steps:
     raise FileNotFoundError(
         f"no checkpoints in {directory}: is {workdir} a pretraining workdir? Run `byol-jax "
         "pretrain --workdir=...` first, or pass the directory it wrote.")
   skipped = []
   for step in steps:
-    problem = integrity.verify_manifest(os.path.join(directory, str(step)))
+    problem = integrity.verify_manifest(files.join(directory, str(step)))
     if problem is None:
       return step
     logging.error("checkpoint step %d in %s is corrupt or incomplete and will not be used: "
@@ -51,7 +50,7 @@ def intact_step(workdir: str) -> int:
 
 def _item_dir(workdir: str, step: int) -> str:
   # Orbax refuses relative paths; users pass --workdir=runs/x.
-  return os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR, str(step), "default")
+  return files.join(files.absolute(workdir), checkpoint.CHECKPOINT_DIR, str(step), "default")
 
 
 def step_layout(workdir: str, step: int) -> PyTree:

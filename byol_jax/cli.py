@@ -186,6 +186,18 @@ def _bench(args: list[str]) -> None:
   print(json.dumps(figures))
 
 
+def _check_urls() -> None:
+  """Refuses a path flag whose URL scheme no filesystem here handles, before any work."""
+  from byol_jax import files
+  for name in ("workdir", "out", "from_release", "pretrained"):
+    value = getattr(FLAGS, name)
+    if value and value != "random":
+      try:
+        files.check_url(value)
+      except ValueError as e:
+        raise UsageError(f"--{name}={e}") from None
+
+
 def _require(**named) -> None:
   missing = [f"--{name}" for name, value in named.items() if not value]
   if missing:
@@ -273,6 +285,7 @@ def run(argv: list[str]) -> None:
   if len(positional) < 2:
     raise UsageError("no command given; `byol-jax help` lists the commands.")
   command = positional[1]
+  _check_urls()
   if command == "sweep":
     _sweep(positional[2:], sweep_overrides)
     return

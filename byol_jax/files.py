@@ -15,6 +15,7 @@ new one. On an object store (gs://) one upload creates an object whole or not at
 the object is written directly: readers never see half an object either, but there is
 no rename, and a crash mid-upload leaves the previous version.
 """
+import hashlib
 import json
 import os
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from etils import epath
 
 PathLike = str | os.PathLike
+# URL schemes a workdir may use: orbax writes checkpoints to local paths and gs:// only.
+SCHEMES = ("gs",)
 
 
 def scheme(url: PathLike) -> str | None:
@@ -37,23 +40,28 @@ def is_local(url: PathLike) -> bool:
 
 
 def as_path(url: PathLike) -> epath.Path:
-  """`url` as an epath.Path; raises ValueError if no filesystem handles its scheme.
+  """`url` as an epath.Path; raises ValueError unless it is local or its scheme in SCHEMES.
 
   Raises:
-    ValueError: an unknown scheme (named, with the supported ones).
+    ValueError: another scheme (named, with the supported ones).
   """
-  try:
-    return epath.Path(url)
-  except KeyError:
+  kind = scheme(url)
+  if kind is not None and kind not in SCHEMES:
     raise ValueError(
-        f"{os.fspath(url)}: no filesystem handles the scheme '{scheme(url)}://' here "
-        "(byol_jax reads and writes local paths and gs:// URLs); use one of those.") from None
+        f"{os.fspath(url)}: the scheme '{kind}://' is not supported (byol_jax reads and "
+        f"writes local paths and {', '.join(s + '://' for s in SCHEMES)} URLs); use one of those.")
+  return epath.Path(url)
 
 
 def check_url(url: PathLike) -> str:
   """Validates `url` (see `as_path`) and returns it as a string, unchanged."""
   as_path(url)
   return os.fspath(url)
+
+
+def absolute(url: PathLike) -> str:
+  """A local path made absolute (orbax refuses relative ones); a URL unchanged."""
+  return os.path.abspath(url) if is_local(url) else check_url(url)
 
 
 def join(url: PathLike, *parts: str) -> str:
@@ -88,6 +96,25 @@ def listdir(url: PathLike) -> list[str]:
   if not path.is_dir():
     return []
   return sorted(child.name for child in path.iterdir())
+
+
+def files_under(url: PathLike) -> list[str]:
+  """Relative '/'-separated paths of every file below a directory, sorted."""
+  root = as_path(url)
+  found = []
+  for directory, _, names in root.walk():
+    rel = os.fspath(directory)[len(os.fspath(root)):].strip("/")
+    found.extend(f"{rel}/{name}" if rel else name for name in names)
+  return sorted(found)
+
+
+def sha256(url: PathLike) -> str:
+  """Hex sha256 of a file's bytes, read in 8 MiB chunks."""
+  digest = hashlib.sha256()
+  with as_path(url).open("rb") as f:
+    for chunk in iter(lambda: f.read(8 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def makedirs(url: PathLike) -> None:
@@ -156,3 +183,36 @@ def write_text_atomic(url: PathLike, text: str) -> None:
 def write_json_atomic(url: PathLike, obj: Any) -> None:
   """`obj` as indented, key-sorted JSON, written atomically (see `write_text_atomic`)."""
   write_text_atomic(url, json.dumps(obj, indent=1, sort_keys=True))
+
+
+class AppendFile:
+  """A text file that grows by whole lines (metrics.jsonl), locally or in a bucket.
+
+  Locally the file is opened in append mode and flushed after every `append`. An object
+  store cannot append, so there the text so far (what the file held when opened, plus every
+  append) is kept and the whole object rewritten on each `append`: a reader sees the file
+  as of the last complete `append`.
+  """
+
+  def __init__(self, url: PathLike):
+    self._url = check_url(url)
+    self._local = None
+    self._text = None
+    if is_local(url):
+      os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
+      self._local = open(url, "a")
+    else:
+      self._text = read_text(url) if exists(url) else ""
+
+  def append(self, text: str) -> None:
+    if self._local is not None:
+      self._local.write(text)
+      self._local.flush()
+    else:
+      self._text += text
+      write_text_atomic(self._url, self._text)
+
+  def close(self) -> None:
+    if self._local is not None:
+      self._local.close()
+      self._local = None

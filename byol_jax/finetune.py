@@ -23,7 +23,6 @@ metrics.jsonl and TensorBoard events of the training loss.
 import functools
 import json
 import math
-import os
 import time
 from typing import Callable, NamedTuple
 
@@ -102,28 +101,27 @@ def read_subset_file(path: str, num_examples: int) -> np.ndarray:
     FileNotFoundError: no such file. ValueError: a line that is not an integer, an index
     out of range, a repeated index (each message names the line), or no index at all.
   """
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     raise FileNotFoundError(f"finetune.subset_file={path!r} does not exist; give a text file "
                             "of train example indices, one per line.")
   seen: dict[int, int] = {}
-  with open(path) as f:
-    for number, line in enumerate(f, start=1):
-      text = line.strip()
-      if not text or text.startswith("#"):
-        continue
-      try:
-        index = int(text)
-      except ValueError:
-        raise ValueError(f"{path}:{number}: {text[:60]!r} is not an integer example index; a "
-                         "subset file lists indices into dataset.train_split in stored order "
-                         "(file names, as in SimCLR's lists, are not supported).") from None
-      if not 0 <= index < num_examples:
-        raise ValueError(f"{path}:{number}: index {index} is outside [0, {num_examples}), "
-                         f"the {num_examples} examples of the train split.")
-      if index in seen:
-        raise ValueError(f"{path}:{number}: index {index} repeats line {seen[index]}; each "
-                         "example may be listed once.")
-      seen[index] = number
+  for number, line in enumerate(files.read_text(path).splitlines(), start=1):
+    text = line.strip()
+    if not text or text.startswith("#"):
+      continue
+    try:
+      index = int(text)
+    except ValueError:
+      raise ValueError(f"{path}:{number}: {text[:60]!r} is not an integer example index; a "
+                       "subset file lists indices into dataset.train_split in stored order "
+                       "(file names, as in SimCLR's lists, are not supported).") from None
+    if not 0 <= index < num_examples:
+      raise ValueError(f"{path}:{number}: index {index} is outside [0, {num_examples}), "
+                       f"the {num_examples} examples of the train split.")
+    if index in seen:
+      raise ValueError(f"{path}:{number}: index {index} repeats line {seen[index]}; each "
+                       "example may be listed once.")
+    seen[index] = number
   if not seen:
     raise ValueError(f"{path} lists no example index.")
   return np.sort(np.fromiter(seen, np.int64, len(seen)))
@@ -318,8 +316,7 @@ def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
   say(f"fine-tuning {pretrained_path or 'the given encoder'} (pretraining step {pretrained.step})"
       f" on {subset.size} of {num_train} train examples for {total} steps")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    files.write_text_atomic(os.path.join(workdir, SUBSET_FILE), "".join(f"{i}\n" for i in subset))
+    files.write_text_atomic(files.join(workdir, SUBSET_FILE), "".join(f"{i}\n" for i in subset))
 
   deps = make_deps(c.model, c.dataset.num_classes, ft, total, c.precision)
   state = parallel.replicate(init_state(deps, pretrained.params, pretrained.state,
@@ -349,7 +346,7 @@ def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
                       source=pretrained.source),
       config=c.to_dict())
   if jax.process_index() == 0:
-    files.write_text_atomic(os.path.join(workdir, RESULTS_FILE),
+    files.write_text_atomic(files.join(workdir, RESULTS_FILE),
                   json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
   say(f"fine-tuned: test top-1 {scores['top1']:.2%}, top-5 {scores['top5']:.2%} on "
       f"{scores['examples']} examples ({results['elapsed_seconds']:.0f} s)")

@@ -9,9 +9,6 @@ written them, so the read-only restore (checkpoint_reader.py) verifies a step wi
       byte silently, so only a step whose manifest exists and matches is restored; a step
       whose save was in flight when the process died has none.
 """
-import hashlib
-import json
-import os
 from typing import Any
 
 import jax
@@ -51,23 +48,16 @@ def nonfinite_leaves(state: PyTree) -> list[str]:
   return [p for p, ok in zip(paths, flags) if not ok]
 
 
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _files_under(directory: str) -> list[str]:
-  found = (os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
-           for root, _, files in os.walk(directory) for name in files)
-  return sorted(f for f in found if f != MANIFEST_FILE)
+  return [f for f in file_io.files_under(directory) if f != MANIFEST_FILE]
 
 
 def write_manifest(step_dir: str) -> None:
   """Writes MANIFEST_FILE: relative path -> {sha256, bytes} for every other file of step_dir."""
-  files = {rel: {"sha256": _sha256(os.path.join(step_dir, rel)),
-                 "bytes": os.path.getsize(os.path.join(step_dir, rel))}
+  files = {rel: {"sha256": file_io.sha256(file_io.join(step_dir, rel)),
+                 "bytes": file_io.size(file_io.join(step_dir, rel))}
            for rel in _files_under(step_dir)}
-  file_io.write_json_atomic(os.path.join(step_dir, MANIFEST_FILE),
+  file_io.write_json_atomic(file_io.join(step_dir, MANIFEST_FILE),
                            {"format": _MANIFEST_FORMAT, "files": files})
 
 
@@ -79,8 +69,7 @@ def verify_manifest(step_dir: str) -> str | None:
     one line naming the problem and the file.
   """
   try:
-    with open(os.path.join(step_dir, MANIFEST_FILE)) as f:
-      expected = json.load(f)["files"]
+    expected = file_io.read_json(file_io.join(step_dir, MANIFEST_FILE))["files"]
   except FileNotFoundError:
     return f"no {MANIFEST_FILE} (the save never finished, or the file was removed)"
   except (ValueError, KeyError, TypeError) as e:
@@ -92,10 +81,10 @@ def verify_manifest(step_dir: str) -> str | None:
   if extra:
     return f"file {extra[0]} is not in the manifest"
   for rel in sorted(expected):
-    full = os.path.join(step_dir, rel)
-    size = os.path.getsize(full)
+    full = file_io.join(step_dir, rel)
+    size = file_io.size(full)
     if size != expected[rel]["bytes"]:
       return f"file {rel} has {size} bytes, the manifest says {expected[rel]['bytes']} (truncated?)"
-    if _sha256(full) != expected[rel]["sha256"]:
+    if file_io.sha256(full) != expected[rel]["sha256"]:
       return f"file {rel} does not match its sha256 in the manifest (modified on disk)"
   return None

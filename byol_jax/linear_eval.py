@@ -358,14 +358,13 @@ def _write_outputs(workdir: str, result: dict, filename: str, prefix: str) -> No
   """result as JSON (atomically, process 0) and its numbers as TensorBoard scalars."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
   scalars = {f"{prefix}/{k}": v for k, v in result.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
   scalars.update({f"{prefix}/val_top1/lr={lr}": v for lr, v in result.get("val_top1", {}).items()})
   with writers.MetricWriter(workdir, max(1, result.get("steps", 1)),
                             print_fn=lambda line: None) as writer:
     writer.write(result.get("steps", 0), scalars)
-  files.write_json_atomic(os.path.join(workdir, filename), result)
+  files.write_json_atomic(files.join(workdir, filename), result)
 
 
 def knn_run(c: ml_collections.ConfigDict, pretrained, workdir: str,

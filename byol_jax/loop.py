@@ -21,6 +21,7 @@ from byol_jax import checkpoint
 from byol_jax import config as config_lib
 from byol_jax import data
 from byol_jax import evaluate
+from byol_jax import files
 from byol_jax import parallel
 from byol_jax import run_config
 from byol_jax import train
@@ -197,6 +198,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
     NonFiniteError, CollapseError: see Guards. ValueError: bad config or workdir.
   """
   config_lib.validate(c)
+  files.check_url(workdir)  # An unsupported scheme stops here, before anything is written.
   _agree_on_config(c)  # Before any work, and before the Checkpointer writes config.json.
   total = config_lib.total_steps(c)
   parallel.per_device_batch(c.batch_size)  # Fails early with both numbers.

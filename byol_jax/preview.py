@@ -4,7 +4,6 @@ Each row is one training image: [crop 1 | view 1 | crop 2 | view 2], where the c
 come from the pretraining pipeline and the views are those crops after the on-device
 augmentation of the config's view presets, exactly as the update step makes them.
 """
-import os
 
 import jax
 import ml_collections
@@ -13,6 +12,7 @@ import tensorflow as tf
 
 from byol_jax import augment
 from byol_jax import data
+from byol_jax import files
 
 _GAP = 2  # Pixels of white between tiles.
 
@@ -48,7 +48,5 @@ def write_preview(c: ml_collections.ConfigDict, out: str, num_images: int = 8) -
   rows = preview_rows(c, num_images)
   scale = max(1, 96 // c.image_size)  # Small images are enlarged (nearest) to be seen.
   png = grid_png(np.repeat(np.repeat(rows, scale, axis=2), scale, axis=3))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "wb") as f:
-    f.write(png)
+  files.write_bytes_atomic(out, png)
   return out

@@ -5,12 +5,12 @@ applies the guard before a restore, the loop compares processes' configs in the 
 here (`config_to_dict`), and pretrained.py reads config.json back to rebuild the network.
 """
 import json
-import os
 from typing import Mapping
 
 import jax
 import ml_collections
 
+from byol_jax import config as config_lib
 from byol_jax import files as file_io
 
 CONFIG_FILE = "config.json"
@@ -54,19 +54,26 @@ def config_mismatches(saved: Mapping, current: Mapping) -> list[str]:
     saved, current: configs as nested dicts (`config_to_dict`).
 
   Returns:
-    Lines "field: saved X, now Y (what the field defines)" sorted by field; a field missing
-    on one side counts as a difference. Empty when the saved state can be resumed.
+    Lines "field: saved X, now Y (what the field defines)" sorted by field; a field the
+    saved config lacks counts as its schema default, one the current config lacks as a
+    difference. Empty when the saved state can be resumed.
   """
   old, new = _flatten(saved), _flatten(current)
-  show = lambda flat, field: repr(flat[field]) if field in flat else "<absent>"  # noqa: E731
+  # A field the saved run predates had the behaviour of its schema default (fields are added
+  # with a default that keeps the old behaviour), so an absent saved field compares as that.
+  defaults = _flatten(config_to_dict(config_lib.base_config()))
+  absent = object()
   lines = []
   for field in sorted(set(old) | set(new)):
     rule = None if field in FREE_FIELDS else next(
         (k for k in STATE_DEFINING_FIELDS
          if (field.startswith(k) if k.endswith(".") else field == k)), None)
-    if rule and (field not in old or field not in new or old[field] != new[field]):
-      lines.append(f"{field}: saved {show(old, field)}, now {show(new, field)} "
-                   f"({STATE_DEFINING_FIELDS[rule]})")
+    was, now = old.get(field, defaults.get(field, absent)), new.get(field, absent)
+    if rule and (was is absent or now is absent or was != now):
+      shown_was = repr(old[field]) if field in old else (
+          "<absent>" if was is absent else f"<absent: default {was!r}>")
+      lines.append(f"{field}: saved {shown_was}, now "
+                   f"{'<absent>' if now is absent else repr(now)} ({STATE_DEFINING_FIELDS[rule]})")
   return lines
 
 
@@ -75,11 +82,10 @@ def check_config_compatible(workdir: str, config: ml_collections.ConfigDict) -> 
 
   Writes nothing. A workdir without config.json passes.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = file_io.join(workdir, CONFIG_FILE)
+  if not file_io.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = file_io.read_json(path)
   lines = config_mismatches(saved, config_to_dict(config))
   if lines:
     raise ValueError(
@@ -92,5 +98,4 @@ def check_config_compatible(workdir: str, config: ml_collections.ConfigDict) -> 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes workdir/config.json atomically (process 0 only)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    file_io.write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))
+    file_io.write_json_atomic(file_io.join(workdir, CONFIG_FILE), config_to_dict(config))

@@ -14,6 +14,7 @@ import ast
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -183,27 +184,26 @@ def run_commands(runs: Sequence[Run], base_spec: str, base_overrides: Mapping[st
   """One shell line per run: pretrain, then linear evaluation, for a cluster launcher."""
   lines = []
   for run in runs:
-    run_dir = os.path.join(workdir, run.name)
+    run_dir = files.join(workdir, run.name)
     flags = [f"--config={base_spec}"]
     flags += [f"--config.{k}={v}" for k, v in base_overrides.items()]
     flags += [f"--config.{k}={_cli_value(v)}" for k, v in run.overrides.items()]
     pretrain = ["byol-jax", "pretrain", *flags, f"--workdir={run_dir}"]
     linear = ["byol-jax", "linear-eval", *flags, f"--pretrained={run_dir}",
-              f"--workdir={os.path.join(run_dir, 'linear')}"]
+              f"--workdir={files.join(run_dir, 'linear')}"]
     lines.append(f"{shlex.join(pretrain)} && {shlex.join(linear)}")
   return lines
 
 
 def read_metrics(run_dir: str) -> dict[int, dict]:
   """metrics.jsonl as {step: merged metrics}, later lines winning (a resume repeats steps)."""
-  path = os.path.join(run_dir, METRICS_FILE)
+  path = files.join(run_dir, METRICS_FILE)
   by_step: dict[int, dict] = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          record = json.loads(line)
-          by_step.setdefault(int(record["step"]), {}).update(record)
+  if files.exists(path):
+    for line in files.read_text(path).splitlines():
+      if line.strip():
+        record = json.loads(line)
+        by_step.setdefault(int(record["step"]), {}).update(record)
   return dict(sorted(by_step.items()))
 
 
@@ -231,11 +231,10 @@ def _default_linear_eval(c, pretrained, workdir, print_fn):
 def _run_one(run: Run, run_dir: str, pretrain_fn: PretrainFn, eval_fn: EvalFn,
              print_fn: PrintFn) -> dict:
   """Pretrains (or resumes) and evaluates one run; returns its table row."""
-  done_path = os.path.join(run_dir, DONE_FILE)
+  done_path = files.join(run_dir, DONE_FILE)
   digest = config_lib.config_hash(run.config)
-  if os.path.exists(done_path):
-    with open(done_path) as f:
-      done = json.load(f)
+  if files.exists(done_path):
+    done = files.read_json(done_path)
     if done["config_hash"] != digest:
       raise ValueError(f"{run_dir} holds a finished run of a different config; use another "
                        "--workdir or delete that run directory.")
@@ -246,7 +245,7 @@ def _run_one(run: Run, run_dir: str, pretrain_fn: PretrainFn, eval_fn: EvalFn,
   if result.get("preempted"):
     return dict(status="preempted")
   print_fn(f"[sweep] {run.name}: linear evaluation in {run_dir}/linear")
-  linear = eval_fn(run.config, pretrained=run_dir, workdir=os.path.join(run_dir, "linear"),
+  linear = eval_fn(run.config, pretrained=run_dir, workdir=files.join(run_dir, "linear"),
                    print_fn=print_fn)
   row = dict(final_metrics(read_metrics(run_dir)), status="done",
              linear_top1=linear["top1"], linear_top5=linear["top5"],
@@ -269,7 +268,7 @@ def run_sweep(runs: Sequence[Run], workdir: str, pretrain_fn: PretrainFn, eval_f
   rows = [dict(name=r.name, status="pending", overrides=_overrides_text(r.overrides))
           for r in runs]
   for run, row in zip(runs, rows):
-    run_dir = os.path.join(workdir, run.name)
+    run_dir = files.join(workdir, run.name)
     try:
       row.update(_run_one(run, run_dir, pretrain_fn, eval_fn, print_fn))
     except Exception as e:  # noqa: BLE001  One bad run must not stop the sweep.
@@ -297,19 +296,18 @@ def _cell(value: Any) -> str:
 
 def write_results(rows: Sequence[dict], runs: Sequence[Run], workdir: str) -> None:
   """results.csv (every column), results.md (a table) and results.png in `workdir`."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in COLUMNS})
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=COLUMNS)
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in COLUMNS})
+  files.write_text_atomic(files.join(workdir, "results.csv"), table.getvalue())
   md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   md += ["| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in COLUMNS) + " |"
          for row in rows]
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
-  curves = {run.name: read_metrics(os.path.join(workdir, run.name)) for run in runs}
-  plot_results(rows, curves, os.path.join(workdir, "results.png"))
+  files.write_text_atomic(files.join(workdir, "results.md"), "\n".join(md) + "\n")
+  curves = {run.name: read_metrics(files.join(workdir, run.name)) for run in runs}
+  plot_results(rows, curves, files.join(workdir, "results.png"))
 
 
 def plot_results(rows: Sequence[dict], curves: Mapping[str, Mapping[int, dict]],
@@ -338,8 +336,10 @@ def plot_results(rows: Sequence[dict], curves: Mapping[str, Mapping[int, dict]],
     if ax.lines:
       ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=80)
   plt.close(fig)
+  files.write_bytes_atomic(path, png.getvalue())
 
 
 def main_like(sweep_path: str, base: str, workdir: str, overrides: Sequence[str] = (),

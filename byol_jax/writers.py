@@ -6,11 +6,14 @@ For each logged step `MetricWriter.write(step, metrics)`:
     no NaN). After a resume from an earlier checkpoint a step can appear twice: the later line
     is the one that belongs to the continuing run.
   - writes every metric as a TensorBoard scalar under workdir (tf.summary), NaN included;
+    under a URL workdir (gs://) the events file is written in TF's in-memory filesystem and
+    copied whole to the workdir after each flush, through files.py like every other file;
   - prints a progress line: step/total, loss, probe top-1, collapse monitor, images/s and an
     ETA (h:mm:ss) from the rate over the last `window` logged steps.
 Only process 0 writes anything; on other processes every method does nothing.
 """
 import collections
+import itertools
 import json
 import math
 import os
@@ -21,6 +24,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
+
+from byol_jax import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -43,6 +48,34 @@ def format_duration(seconds: float) -> str:
   """Seconds as h:mm:ss (hours unbounded), e.g. 3725 -> '1:02:05'."""
   seconds = int(round(seconds))
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+_RAM_DIRS = itertools.count()  # One in-memory events directory per mirrored writer.
+
+
+class _EventFiles:
+  """tf.summary's writer for a workdir: directly for a local path; for a URL, into TF's
+  in-memory `ram://` filesystem, each file copied whole to the workdir on `flush`."""
+
+  def __init__(self, workdir: str):
+    self._workdir = workdir
+    self._ram = None
+    if not files.is_local(workdir):
+      self._ram = f"ram://byol_jax_events/{os.getpid()}-{next(_RAM_DIRS)}"
+    self.writer = tf.summary.create_file_writer(self._ram or workdir)
+
+  def flush(self) -> None:
+    self.writer.flush()
+    if self._ram is not None:
+      for name in tf.io.gfile.listdir(self._ram):
+        with tf.io.gfile.GFile(f"{self._ram}/{name}", "rb") as f:
+          files.write_bytes_atomic(files.join(self._workdir, name), f.read())
+
+  def close(self) -> None:
+    self.flush()
+    self.writer.close()
+    if self._ram is not None:
+      tf.io.gfile.rmtree(self._ram)
 
 
 def _scalar(name: str, value) -> float | int:
@@ -82,9 +115,9 @@ class MetricWriter:
     self._recent = collections.deque(maxlen=window)  # (time, step) of the last logged steps.
     self._jsonl = self._tb = None
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
-      self._tb = tf.summary.create_file_writer(workdir)
+      files.makedirs(workdir)
+      self._jsonl = files.AppendFile(files.join(workdir, METRICS_FILE))
+      self._tb = _EventFiles(workdir)
 
   def write(self, step: int, metrics: Mapping[str, object]) -> str | None:
     """Records `metrics` for `step` in all three outputs.
@@ -103,9 +136,8 @@ class MetricWriter:
     step = int(step)
     values = {name: _scalar(name, value) for name, value in metrics.items()}
     json_values = {k: v if math.isfinite(v) else None for k, v in values.items()}
-    self._jsonl.write(json.dumps({"step": step, **json_values}, allow_nan=False) + "\n")
-    self._jsonl.flush()
-    with self._tb.as_default():
+    self._jsonl.append(json.dumps({"step": step, **json_values}, allow_nan=False) + "\n")
+    with self._tb.writer.as_default():
       for name, value in values.items():
         tf.summary.write(name, tf.constant(value, tf.float32), step=step,
                          metadata=_SCALAR_METADATA)

@@ -18,3 +18,11 @@ def test_config_mismatches_rule():
       f"model.stem: saved 'imagenet', now 'small' ({reasons['model.']})",
   ]
   assert run_config.config_mismatches(saved, saved) == []
+
+
+def test_a_field_the_saved_run_predates_compares_as_its_schema_default():
+  reasons = run_config.STATE_DEFINING_FIELDS
+  saved = {"model": {"width": 1.0}}  # Written before model.padding existed.
+  assert run_config.config_mismatches(saved, {"model": {"width": 1.0, "padding": "same"}}) == []
+  assert run_config.config_mismatches(saved, {"model": {"width": 1.0, "padding": "symmetric"}}) == [
+      f"model.padding: saved <absent: default 'same'>, now 'symmetric' ({reasons['model.']})"]
