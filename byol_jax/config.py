@@ -4,6 +4,7 @@ Recipes in configs/ start from `base_config()` and override fields; `validate` r
 bad values before any work starts, naming the field and the valid choices.
 Field names are a stable contract (see DESIGN.md); add fields, never rename.
 """
+import copy
 import hashlib
 import json
 
@@ -20,6 +21,10 @@ PRECISIONS = ("float32", "bfloat16")
 TAU_SCHEDULES = ("cosine", "constant")
 TARGET_INITS = ("copy", "separate")
 LARS_ORDERS = ("momentum_first", "lr_first")
+ZERO_INITS = ("authors", "all", "none")
+# model.zero_init_residual as config.json files of runs before 'authors' hold it:
+# false started every scale at one, true zeroed every block.
+LEGACY_ZERO_INITS = {False: "none", True: "all"}
 
 
 def view_preset(view: int) -> ml_collections.ConfigDict:
@@ -94,9 +99,22 @@ def base_config() -> ml_collections.ConfigDict:
       # Standardise inputs with ImageNet channel statistics inside the network, as the
       # authors' release does; exported encoders then take plain [0, 1] pixels.
       normalize_inputs=True,
-      # The paper used Haiku's default (last BN scale of each block = 1); the authors'
-      # release zero-inits it. Default: the paper.
-      zero_init_residual=False,
+      # Which residual branches start at zero (their closing norm's scale, or the closing
+      # conv where no norm follows it); resnet.ZERO_INITS. 'authors' (the paper's numbers
+      # come from it): hk.nets.ResNet's init, which zeroes the last BN scale of every
+      # bottleneck v1 block (ResNet-50 and deeper) and starts basic (ResNet-18/34) and v2
+      # blocks at one. 'all': every block (Goyal et al. 2017). 'none': no block.
+      # A field of any type: config.json files of earlier runs hold the bools false / true
+      # (= 'none' / 'all'), which still load and mean that (resolve_zero_init); the command
+      # line reads --config.model.zero_init_residual=all as the string. Being a reference,
+      # it is shared by ConfigDict(c.model) copies: copy with ConfigDict(c.to_dict()).
+      zero_init_residual=ml_collections.FieldReference("authors", field_type=object),
+      # A projection shortcut (shortcut_conv + shortcut_batchnorm) in block 0 of group 0
+      # too, as the authors' ResNetTorso has for every depth. It changes only ResNet-18/34:
+      # bottleneck blocks change the channel count there, so ResNet-50 and deeper always
+      # have it. False (torchvision's and hk.nets.ResNet18's layout) for this project's
+      # recipes; True to hold the authors' ResNet-18/34 weights.
+      first_group_projection=False,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -204,6 +222,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(c.target.schedule, "target.schedule", TAU_SCHEDULES)
   _choice(c.target.init, "target.init", TARGET_INITS)
   _choice(c.optim.lars_order, "optim.lars_order", LARS_ORDERS)
+  resolve_zero_init(c.model.zero_init_residual)
   for field in ("batch_size", "image_size", "model.width", "model.projector_hidden",
                 "model.projector_out", "model.predictor_hidden", "dataset.num_classes"):
     _positive(_get(c, field), field)
@@ -219,6 +238,39 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       if key.endswith("_prob"):
         _probability(value, f"augment.{view}.{key}")
   return c
+
+
+def resolve_zero_init(value) -> str:
+  """The ZERO_INITS name a model.zero_init_residual value means (legacy bools included).
+
+  Raises:
+    ValueError: naming the field, the value and the valid ones.
+  """
+  if isinstance(value, bool):
+    return LEGACY_ZERO_INITS[value]
+  if isinstance(value, str) and value in ZERO_INITS:
+    return value
+  raise ValueError(f"config.model.zero_init_residual={value!r} is not valid; choose one of "
+                   f"{list(ZERO_INITS)} (the legacy False / True mean 'none' / 'all').")
+
+
+def upgrade_saved(saved: dict) -> dict:
+  """A config.json dict with legacy values replaced by what they mean today.
+
+  For comparing a saved config with a current one: model.zero_init_residual's false / true
+  become 'none' / 'all'. Loading needs no upgrade (the schema takes the legacy values).
+
+  Args:
+    saved: a parsed config.json (nested dicts); not modified.
+
+  Returns:
+    A deep copy with the legacy values replaced.
+  """
+  out = copy.deepcopy(saved)
+  model = out.get("model")
+  if isinstance(model, dict) and isinstance(model.get("zero_init_residual"), bool):
+    model["zero_init_residual"] = resolve_zero_init(model["zero_init_residual"])
+  return out
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str):

@@ -15,6 +15,7 @@ import jmp
 import ml_collections
 import numpy as np
 
+from byol_jax import config as config_lib
 from byol_jax import layers as layers_lib
 from byol_jax import resnet
 
@@ -76,11 +77,13 @@ def _encoder_builder(model_cfg: ml_collections.ConfigDict, layers: layers_lib.La
   """Validates the encoder fields now; returns a function making the 'encoder' module."""
   spec = layers_lib.lookup(resnet.ENCODERS, model_cfg.encoder, "model.encoder")
   stem = layers_lib.lookup(resnet.STEMS, model_cfg.stem, "model.stem")
-  resnet.check_zero_init(model_cfg.zero_init_residual, model_cfg.resnet_v2, layers.norm)
-  return lambda: resnet.ResNet(spec, stem, layers, width=model_cfg.width,
-                               resnet_v2=model_cfg.resnet_v2,
-                               zero_init_residual=model_cfg.zero_init_residual,
-                               name="encoder")
+  zero_init = config_lib.resolve_zero_init(model_cfg.zero_init_residual)
+  resnet.check_zero_init(zero_init, spec.bottleneck, model_cfg.resnet_v2, layers.norm)
+  return lambda: resnet.ResNet(
+      spec, stem, layers, width=model_cfg.width, resnet_v2=model_cfg.resnet_v2,
+      zero_init_residual=zero_init,
+      # Configs from before the field had today's default's layout.
+      first_group_projection=model_cfg.get("first_group_projection", False), name="encoder")
 
 
 def _training_at_init(is_training: bool) -> bool:

@@ -51,6 +51,18 @@ STEMS = {
     "small": StemSpec(kernel=3, stride=1, max_pool=False),  # For 28-32 px images.
 }
 
+# model.zero_init_residual -> f(bottleneck, resnet_v2): whether each residual block starts
+# with its branch at zero (its closing norm's scale, or its closing conv where no norm
+# follows that conv), so that the block starts as its shortcut.
+ZERO_INITS = {
+    # hk.nets.ResNet's, so the authors' encoder's and the paper's numbers': BlockV1 zeroes
+    # the scale of batchnorm_2, which only bottleneck blocks (ResNet-50 and deeper) have;
+    # basic blocks and BlockV2 start every scale at one.
+    "authors": lambda bottleneck, resnet_v2: bottleneck and not resnet_v2,
+    "all": lambda bottleneck, resnet_v2: True,  # Goyal et al. 2017; torchvision's option.
+    "none": lambda bottleneck, resnet_v2: False,  # Every scale starts at one.
+}
+
 def _block_plan(channels: int, stride: int, bottleneck: bool, width: float):
   """(out_channels, kernel, stride) of each conv on a block's residual branch."""
   out = layers_lib.scaled_channels(channels, width)
@@ -144,22 +156,49 @@ class BlockGroup(hk.Module):
     return x
 
 
-def check_zero_init(zero_init_residual: bool, resnet_v2: bool, norm: str) -> None:
-  """Rejects the one combination where no residual branch can start at zero."""
-  if zero_init_residual and resnet_v2 and layers_lib.NORMS[norm].standardize:
-    raise ValueError("config.model.zero_init_residual=True does not work with "
-                     "resnet_v2=True and norm='group_ws' (a weight-standardised kernel "
-                     "cannot be zero); set zero_init_residual=False or resnet_v2=False.")
+def check_zero_init(zero_init_residual: str, bottleneck: bool, resnet_v2: bool,
+                    norm: str) -> bool:
+  """Whether the residual blocks start at zero; rejects the combination where they cannot.
+
+  Args:
+    zero_init_residual: a ZERO_INITS name (config.resolve_zero_init maps legacy bools).
+    bottleneck, resnet_v2: the blocks' kind. norm: a layers.NORMS name.
+
+  Returns:
+    True when every block's residual branch starts at zero, False when none does.
+
+  Raises:
+    ValueError: an unknown name, or zeroing v2 blocks under norm='group_ws': their branch
+    closes with a weight-standardised conv, which cannot be zero.
+  """
+  zero = layers_lib.lookup(ZERO_INITS, zero_init_residual, "model.zero_init_residual")(
+      bottleneck, resnet_v2)
+  if zero and resnet_v2 and layers_lib.NORMS[norm].standardize:
+    raise ValueError(f"config.model.zero_init_residual={zero_init_residual!r} does not work "
+                     "with resnet_v2=True and norm='group_ws' (a weight-standardised kernel "
+                     "cannot be zero); set zero_init_residual='authors' or 'none', or "
+                     "resnet_v2=False.")
+  return zero
 
 
 class ResNet(hk.Module):
   """ResNet torso (v1 or v2) returning the global-average-pooled representation [N, D]."""
 
   def __init__(self, spec: ResNetSpec, stem: StemSpec, layers: layers_lib.Layers,
-               width: float = 1.0, resnet_v2: bool = False, zero_init_residual: bool = False,
+               width: float = 1.0, resnet_v2: bool = False,
+               zero_init_residual: str = "authors", first_group_projection: bool = False,
                name: str = "encoder"):
+    """Args mirror config.model's fields.
+
+    Args:
+      zero_init_residual: a ZERO_INITS name.
+      first_group_projection: a projection shortcut in block 0 of group 0 too, as in the
+        authors' ResNetTorso; only basic-block specs (ResNet-18/34) lack one there.
+    """
     super().__init__(name=name)
-    check_zero_init(zero_init_residual, resnet_v2, layers.norm)
+    zero_init = check_zero_init(zero_init_residual, spec.bottleneck, resnet_v2, layers.norm)
+    use_projection = (spec.use_projection[0] or first_group_projection,
+                      *spec.use_projection[1:])
     self._stem, self._padding, self._v2 = stem, layers.padding, resnet_v2
     self._conv_impl = layers.conv_impl
     channels = layers_lib.scaled_channels(64, width)
@@ -170,8 +209,8 @@ class ResNet(hk.Module):
     for i, stride in enumerate((1, 2, 2, 2)):
       self._groups.append(BlockGroup(
           channels, spec.channels_per_group[i], spec.blocks_per_group[i], stride,
-          spec.use_projection[i], spec.bottleneck, resnet_v2, width, layers,
-          zero_init_residual, name=f"block_group_{i}"))
+          use_projection[i], spec.bottleneck, resnet_v2, width, layers,
+          zero_init, name=f"block_group_{i}"))
       channels = layers_lib.scaled_channels(spec.channels_per_group[i], width)
     if resnet_v2:
       self._final_norm = layers.norm_layer("final", channels)

@@ -106,6 +106,7 @@ def test_registries_hold_exactly_the_config_names():
   assert set(layers_lib.PADDINGS) == set(config_lib.PADDINGS)
   assert set(layers_lib.CONV_IMPLS) == set(config_lib.CONV_IMPLS)
   assert set(networks.PRECISIONS) == set(config_lib.PRECISIONS)
+  assert tuple(resnet.ZERO_INITS) == config_lib.ZERO_INITS
 
 
 # torchvision's totals minus its 1000-way fc layer; the widened ResNets from the BYOL
@@ -228,12 +229,17 @@ def _last_in_block(params, module_suffix, param):
           if "/block_" in m and m.endswith(module_suffix)}
 
 
+# The block's closing norm per (encoder, norm): basic blocks have two, bottlenecks three.
 @pytest.mark.parametrize("encoder,norm,last", [("resnet18", "batch", "batchnorm_1"),
                                                ("resnet50", "batch", "batchnorm_2"),
-                                               ("resnet18", "group_ws", "groupnorm_1")])
-@pytest.mark.parametrize("zero", [False, True])
-def test_zero_init_residual_sets_last_norm_scale_in_v1(encoder, norm, last, zero):
-  _, params, _ = init_encoder(encoder=encoder, norm=norm, zero_init_residual=zero)
+                                               ("resnet18", "group_ws", "groupnorm_1"),
+                                               ("resnet50", "group_ws", "groupnorm_2")])
+@pytest.mark.parametrize("option", ["all", "none", None])  # None: the default.
+def test_zero_init_residual_sets_last_norm_scale_in_v1(encoder, norm, last, option):
+  overrides = {} if option is None else dict(zero_init_residual=option)
+  _, params, _ = init_encoder(encoder=encoder, norm=norm, **overrides)
+  # The default ('authors') zeroes bottleneck blocks only, as hk.nets.ResNet's BlockV1.
+  zero = option == "all" or (option is None and resnet.ENCODERS[encoder].bottleneck)
   last_scales = _last_in_block(params, last, "scale")
   assert len(last_scales) == sum(resnet.ENCODERS[encoder].blocks_per_group)
   for scale in last_scales.values():
@@ -242,19 +248,29 @@ def test_zero_init_residual_sets_last_norm_scale_in_v1(encoder, norm, last, zero
   assert others and all(np.all(np.asarray(s) == 1.0) for s in others)
 
 
-@pytest.mark.parametrize("v2,norm", [(True, "batch"), (False, "none")])
-def test_zero_init_residual_zeroes_last_conv_without_a_closing_norm(v2, norm):
-  _, params, _ = init_encoder(encoder="resnet18", resnet_v2=v2, norm=norm,
-                              zero_init_residual=True)
-  kernels = _last_in_block(params, "conv_1", "w")
-  assert len(kernels) == 8 and all(not np.any(np.asarray(w)) for w in kernels.values())
+@pytest.mark.parametrize("encoder,v2,norm,option", [("resnet18", True, "batch", "all"),
+                                                    ("resnet18", False, "none", "all"),
+                                                    ("resnet50", False, "none", "authors")])
+def test_zero_init_residual_zeroes_last_conv_without_a_closing_norm(encoder, v2, norm, option):
+  _, params, _ = init_encoder(encoder=encoder, resnet_v2=v2, norm=norm,
+                              zero_init_residual=option)
+  last = "conv_2" if resnet.ENCODERS[encoder].bottleneck else "conv_1"
+  kernels = _last_in_block(params, last, "w")
+  assert len(kernels) == sum(resnet.ENCODERS[encoder].blocks_per_group)
+  assert all(not np.any(np.asarray(w)) for w in kernels.values())
   assert np.any(np.asarray(params["encoder/~/block_group_0/~/block_0/~/conv_0"]["w"]))
 
 
-def test_zero_init_residual_rejects_v2_with_weight_standardisation():
+@pytest.mark.parametrize("option", ["all", True])  # True: a legacy config.json's 'all'.
+def test_zero_init_residual_rejects_v2_with_weight_standardisation(option):
   with pytest.raises(ValueError, match="zero_init_residual"):
     networks.make_encoder_network(
-        model_cfg(resnet_v2=True, norm="group_ws", zero_init_residual=True))
+        model_cfg(resnet_v2=True, norm="group_ws", zero_init_residual=option))
+  # 'authors' and 'none' zero nothing in v2 blocks, so every encoder takes them.
+  for encoder in ("resnet18", "resnet50"):
+    for fine in ("authors", "none", False):
+      shapes_of(networks.make_encoder_network(model_cfg(
+          encoder=encoder, resnet_v2=True, norm="group_ws", zero_init_residual=fine)), 16)
 
 
 @pytest.mark.parametrize("encoder,width,expected", [
