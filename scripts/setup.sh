@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 if ! .venv/bin/python -c "import byol_jax, pytest, xdist" 2>/dev/null \
-   || [ requirements.txt -nt .venv/.installed ]; then
+   || [ requirements.txt -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ]; then
   echo "setup: installing Python packages into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[test]'
