@@ -1,106 +1,31 @@
-"""Encoder export for transfer: byol_jax's own format, torchvision's layout, and its reader.
+"""`byol-jax export` and `load_encoder`: encoders written for transfer, and read back as callables.
 
 `export(source, out, fmt)` writes the online encoder of anything `pretrained.load` reads (a
-pretraining workdir or an authors' release .pkl) as one safetensors file (no pickle),
-written to a temporary name and renamed, so `out` is never half a file:
+pretraining workdir, an authors' release .pkl, or a byol_jax export to convert) as one
+safetensors file in one of export_formats.FORMATS ('byol_jax' or 'torchvision'; layouts
+in export_formats.py), written to a temporary name and renamed, so `out` is never half a
+file. `load_encoder(path)` turns an export (or anything else `pretrained.load` reads) into
+an `Encoder`, a function of images.
 
-- 'byol_jax': every encoder parameter and batch-norm state array under the key
-  'params:<module>:<name>' / 'state:<module>:<name>' (Haiku names), and in the header's
-  metadata a JSON 'config' (image_size, channels, model section, input mean/std, step,
-  source) and 'format_version'. `load_encoder(path)` turns it into a callable `Encoder`.
-- 'torchvision': the state_dict of torchvision's ResNet-18/34/50/101/152 (v1.5: the stride
-  on the 3x3 conv of a bottleneck) without 'fc' (set `model.fc = torch.nn.Identity()`
-  before `load_state_dict(..., strict=True)`, and the model returns the representation).
-  Metadata records the input normalisation the weights expect, the padding, the source.
+Names: `out` is used as given, with or without an extension. Files are recognised by
+their content (a safetensors header, a pickle header), never by their name, so an export
+written to 'enc' loads as surely as one written to 'enc.safetensors'.
 
-Padding: a network trained with model.padding='symmetric' matches torchvision exactly
-(within 1e-4, tests/test_export.py). Haiku's 'SAME' (the default and the authors' release)
-pads stride-2 convolutions and the stem max-pool asymmetrically, which torch cannot
-express; its weights load but the representations deviate (figures measured with random
-weights and images in EXPORT_SAME_PADDING_NOTE, also written into the file's metadata).
+This module sits above the loader: export -> pretrained -> {export_formats, release}.
 """
-import json
-import os
-from typing import Callable
-
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
 
+from byol_jax import export_formats
 from byol_jax import files
 from byol_jax import networks
 from byol_jax import pretrained as pretrained_lib
 
-FORMAT_VERSION = 1
-BYOL_JAX_FORMAT = "byol_jax.encoder"
-TORCHVISION_FORMAT = "torchvision.resnet"
-TORCHVISION_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-EXPORT_SAME_PADDING_NOTE = (
-    "model.padding='same' pads stride-2 convolutions and the max-pool as Haiku/TF do "
-    "(the extra pixel after), torchvision symmetrically: the weights load, but the "
-    "representations deviate (measured with random weights and images, relative L2 "
-    "deviation / lowest cosine similarity: ResNet-18 27% / 0.95 at 32 px, 18% / 0.98 at "
-    "64 px; ResNet-50 13% / 0.99 at 32 px, 7.5% / 0.997 at 64 px; smaller at larger "
-    "images). Train with model.padding='symmetric' for an exact transfer.")
 
-
-# ---------------------------------------------------------------- byol_jax format
-
-
-def input_normalisation(model_cfg, channels: int) -> tuple[list[float], list[float]]:
-  """(mean, std) per channel that the network subtracts/divides its [0, 1] input by."""
-  if not model_cfg.get("normalize_inputs", True):
-    return [0.0] * channels, [1.0] * channels
-  if channels == 3:
-    return list(networks.IMAGE_MEAN), list(networks.IMAGE_STD)
-  return [float(np.mean(networks.IMAGE_MEAN))], [float(np.mean(networks.IMAGE_STD))]
-
-
-def _byol_jax_tensors(p: pretrained_lib.Pretrained) -> tuple[dict, dict]:
-  tensors = {}
-  for kind, tree in (("params", p.params), ("state", p.state)):
-    for module, leaves in tree.items():
-      for name, value in leaves.items():
-        tensors[f"{kind}:{module}:{name}"] = np.array(value, order="C")  # Keeps 0-d leaves 0-d.
-  mean, std = input_normalisation(p.model, p.channels)
-  header = dict(image_size=p.image_size, channels=p.channels, model=p.model.to_dict(),
-                input_mean=mean, input_std=std, input_range=[0.0, 1.0], step=p.step,
-                source=p.source)
-  return tensors, {"format": BYOL_JAX_FORMAT, "format_version": str(FORMAT_VERSION),
-                   "config": json.dumps(header, sort_keys=True)}
-
-
-def read_export(path: str) -> pretrained_lib.Pretrained:
-  """Reads a byol_jax-format export back into a Pretrained (source 'byol_jax').
-
-  Raises:
-    ValueError: the file is a torchvision-format export, another safetensors file, or a
-      newer format version.
-  """
-  with safetensors.safe_open(path, framework="np") as f:
-    meta = f.metadata() or {}
-    if meta.get("format") == TORCHVISION_FORMAT:
-      raise ValueError(f"{path} is a torchvision-format export, for PyTorch; export again "
-                       "with --format=byol_jax to load it in byol_jax.")
-    if meta.get("format") != BYOL_JAX_FORMAT:
-      raise ValueError(f"{path} is a safetensors file but not a byol_jax encoder export "
-                       f"(metadata format={meta.get('format')!r}).")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-      raise ValueError(f"{path} has format_version {meta['format_version']}; this byol_jax "
-                       f"reads up to {FORMAT_VERSION}: upgrade byol_jax.")
-    trees = {"params": {}, "state": {}}
-    for key in f.keys():
-      kind, module, name = key.split(":")
-      trees[kind].setdefault(module, {})[name] = f.get_tensor(key)
-  header = json.loads(meta["config"])
-  model = pretrained_lib.config_from_json({"model": header["model"]}).model
-  return pretrained_lib.Pretrained(
-      model=model, params=trees["params"], state=trees["state"],
-      image_size=int(header["image_size"]), channels=int(header["channels"]),
-      step=int(header["step"]), source="byol_jax")
+# The format functions users reached through this module before they moved.
+read_export = export_formats.read_export
+torchvision_state_dict = export_formats.torchvision_state_dict
 
 
 class Encoder:
@@ -151,119 +76,31 @@ class Encoder:
 
 
 def load_encoder(path: str) -> Encoder:
-  """An Encoder from a byol_jax export (or anything else `pretrained.load` reads)."""
-  return Encoder(pretrained_lib.load(path))
+  """An Encoder from a byol_jax export (or anything else `pretrained.load` reads).
 
-
-# ---------------------------------------------------------------- torchvision format
-
-
-def _torchvision_blocker(p: pretrained_lib.Pretrained) -> str | None:
-  m = p.model
-  checks = (
-      (m.encoder in TORCHVISION_ENCODERS,
-       f"model.encoder={m.encoder!r}; torchvision has {list(TORCHVISION_ENCODERS)}"),
-      (not m.resnet_v2, "model.resnet_v2=True; torchvision's ResNets are v1"),
-      (float(m.width) == 1.0, f"model.width={m.width}; torchvision's ResNets have width 1 "
-                              "(wide_resnet widens only the bottleneck)"),
-      (m.stem == "imagenet", f"model.stem={m.stem!r}; torchvision has the 7x7/2 + max-pool "
-                             "stem ('imagenet') only"),
-      (m.norm == "batch", f"model.norm={m.norm!r}; torchvision's ResNets use batch norm "
-                          "without conv biases"),
-      (abs(float(m.bn_eps) - 1e-5) < 1e-12, f"model.bn_eps={m.bn_eps}; torchvision's "
-                                            "BatchNorm2d uses 1e-5"),
-      (p.channels == 3, f"channels={p.channels}; torchvision's ResNets take RGB"),
-  )
-  reasons = [reason for ok, reason in checks if not ok]
-  return "; ".join(reasons) or None
-
-
-def _torch_module_name(module: str) -> str:
-  """'encoder/~/block_group_1/~/block_0/~/conv_2' -> 'layer2.0.conv3'."""
-  parts = module.split("/~/")[1:]  # Drop the top-level 'encoder'.
-  stem = {"initial_conv": "conv1", "initial_batchnorm": "bn1"}
-  if len(parts) == 1 and parts[0] in stem:
-    return stem[parts[0]]
-  group, block, layer = parts  # block_group_i, block_j, conv_k / batchnorm_k / shortcut_*.
-  prefix = f"layer{int(group.rsplit('_', 1)[1]) + 1}.{int(block.rsplit('_', 1)[1])}"
-  if layer.startswith("shortcut_"):
-    return f"{prefix}.downsample.{0 if layer == 'shortcut_conv' else 1}"
-  kind, index = layer.rsplit("_", 1)
-  return f"{prefix}.{'conv' if kind == 'conv' else 'bn'}{int(index) + 1}"
-
-
-def torchvision_state_dict(p: pretrained_lib.Pretrained) -> dict[str, np.ndarray]:
-  """The encoder as a torchvision ResNet state_dict (no 'fc'), NumPy arrays.
-
-  Conv kernels HWIO -> OIHW; batch norm scale/offset -> weight/bias, the moving averages
-  (mean_ema/var_ema 'average') -> running_mean/running_var, the EMA counter ->
-  num_batches_tracked (int64).
-
-  Raises:
-    ValueError: naming every reason torchvision cannot express the architecture.
+  Args:
+    path: the export (any file name; local or gs://), a workdir or an authors' .pkl.
   """
-  reason = _torchvision_blocker(p)
-  if reason:
-    raise ValueError(f"cannot export to torchvision's ResNet: {reason}. Export with "
-                     "--format=byol_jax instead.")
-  out = {}
-  for module, leaves in p.params.items():
-    name = _torch_module_name(module)
-    if "w" in leaves:
-      out[f"{name}.weight"] = np.transpose(leaves["w"], (3, 2, 0, 1))
-    else:
-      out[f"{name}.weight"] = leaves["scale"].reshape(-1)
-      out[f"{name}.bias"] = leaves["offset"].reshape(-1)
-  for module, leaves in p.state.items():
-    bn_module, _, ema = module.rpartition("/~/")
-    name = _torch_module_name(bn_module)
-    key = {"mean_ema": "running_mean", "var_ema": "running_var"}[ema]
-    out[f"{name}.{key}"] = leaves["average"].reshape(-1)
-    if ema == "mean_ema":
-      out[f"{name}.num_batches_tracked"] = np.asarray(leaves["counter"], np.int64).reshape(())
-  return {k: np.array(v, order="C") for k, v in out.items()}
-
-
-def _torchvision_tensors(p: pretrained_lib.Pretrained) -> tuple[dict, dict]:
-  tensors = torchvision_state_dict(p)
-  if p.model.padding != "symmetric":
-    logging.warning("torchvision export: %s", EXPORT_SAME_PADDING_NOTE)
-  mean, std = input_normalisation(p.model, p.channels)
-  meta = dict(format=TORCHVISION_FORMAT, format_version=str(FORMAT_VERSION),
-              arch=p.model.encoder, input_mean=json.dumps(mean), input_std=json.dumps(std),
-              input_range="RGB in [0, 1], then (x - input_mean) / input_std",
-              image_size=str(p.image_size), padding=p.model.padding,
-              fc="omitted: set model.fc = torch.nn.Identity() to get the representation",
-              source=p.source, step=str(p.step))
-  if p.model.padding != "symmetric":
-    meta["padding_note"] = EXPORT_SAME_PADDING_NOTE
-  return tensors, meta
-
-
-FORMATS: dict[str, Callable] = {"byol_jax": _byol_jax_tensors, "torchvision": _torchvision_tensors}
-
-
-# ---------------------------------------------------------------- writing
+  return Encoder(pretrained_lib.load(path))
 
 
 def write(p: pretrained_lib.Pretrained, out: str, fmt: str = "byol_jax") -> str:
   """Writes a Pretrained encoder to `out` in format `fmt`, atomically.
+
+  Args:
+    p: the encoder.
+    out: the file to write (local or gs://; replaced whole if it exists; any name).
+    fmt: one of export_formats.FORMATS.
 
   Returns:
     out, the path written.
 
   Raises:
     ValueError: unknown format (the valid ones are listed) or an architecture the format
-      cannot express.
+      cannot express; nothing is written then.
   """
-  if fmt not in FORMATS:
-    raise ValueError(f"unknown export format {fmt!r}; valid: {sorted(FORMATS)}.")
-  tensors, meta = FORMATS[fmt](p)
-  data = safetensors.numpy.save(tensors, metadata=meta)
-  out = os.fspath(out)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  files.write_bytes_atomic(out, data)
-  return out
+  files.write_bytes_atomic(out, export_formats.encode(p, fmt))
+  return str(out)
 
 
 def export(source: str, out: str, fmt: str = "byol_jax") -> str:
@@ -278,6 +115,5 @@ def export(source: str, out: str, fmt: str = "byol_jax") -> str:
   Returns:
     out.
   """
-  if fmt not in FORMATS:  # Before reading a possibly large checkpoint.
-    raise ValueError(f"unknown export format {fmt!r}; valid: {sorted(FORMATS)}.")
+  export_formats.check_format(fmt)  # Before reading a possibly large checkpoint.
   return write(pretrained_lib.load(source), out, fmt)

@@ -8,64 +8,26 @@ with the model config needed to build that network. `resolve(config, spec)` also
 the word `random`: the recipe's encoder with random weights (`random_init`), the baseline
 every evaluation command can be run on (`--pretrained=random`).
 """
-import json
 import os
-import struct
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
-import haiku as hk
 import jax
 import ml_collections
 import numpy as np
 
 from byol_jax import checkpoint_reader
-from byol_jax import config as config_lib
+from byol_jax import encoder_weights
+from byol_jax import export_formats
+from byol_jax import files
+from byol_jax import release
 from byol_jax import run_config
 
-ENCODER_PREFIX = "encoder/"  # Top-level module of the encoder in every byol_jax network.
-SOURCES = ("workdir", "byol_jax", "release", "random")
+# The types every reader returns, re-exported: callers know this module only.
+ENCODER_PREFIX = encoder_weights.ENCODER_PREFIX
+SOURCES = encoder_weights.SOURCES
+Pretrained = encoder_weights.Pretrained
+config_from_json = encoder_weights.config_from_json
 RANDOM = "random"  # The `--pretrained` value for a randomly initialised encoder.
-
-
-class Pretrained(NamedTuple):
-  """A pretrained encoder, ready for `networks.make_encoder_network(model).apply`."""
-  model: ml_collections.ConfigDict  # The `model` section it was trained with.
-  params: hk.Params  # Encoder only, host NumPy arrays, 'encoder/~/...' module names.
-  state: hk.State  # Encoder batch-norm moving statistics, same naming.
-  image_size: int
-  channels: int
-  step: int  # Pretraining step it came from.
-  source: str  # One of SOURCES.
-
-
-def config_from_json(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A config from its config.json dict, on top of today's defaults.
-
-  JSON turns tuples into lists: a list where the schema holds a tuple becomes a tuple
-  again. Fields the saved run predates keep their defaults; fields the schema no longer has
-  are kept as saved.
-
-  Args:
-    saved: the parsed config.json of a workdir.
-
-  Returns:
-    An unlocked ConfigDict.
-  """
-  def merge(base: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
-    for key, value in values.items():
-      current = base.get(key) if key in base else None
-      if isinstance(value, Mapping):
-        if not isinstance(current, ml_collections.ConfigDict):
-          base[key] = ml_collections.ConfigDict()
-        merge(base[key], value)
-      elif isinstance(value, list) and isinstance(current, tuple):
-        base[key] = tuple(value)
-      else:
-        base[key] = value
-  c = config_lib.base_config()
-  c.unlock()
-  merge(c, saved)
-  return c
 
 
 def encoder_subtree(tree: Mapping[str, Any]) -> dict:
@@ -92,12 +54,11 @@ def load_workdir(workdir: str) -> Pretrained:
     FileNotFoundError: no config.json or no checkpoint. RuntimeError: none intact.
   """
   from byol_jax import train  # Local: train pulls in the optimiser stack.
-  config_path = os.path.join(workdir, run_config.CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  config_path = files.join(workdir, run_config.CONFIG_FILE)
+  if not files.is_file(config_path):
     raise FileNotFoundError(f"{config_path} not found: {workdir} is not a pretraining workdir "
                             "(byol-jax pretrain writes config.json beside checkpoints/).")
-  with open(config_path) as f:
-    c = config_from_json(json.load(f))
+  c = config_from_json(files.read_json(config_path))
   step = checkpoint_reader.intact_step(workdir)
   channels = _saved_channels(checkpoint_reader.step_layout(workdir, step), workdir)
   deps = train.make_deps(c)
@@ -109,46 +70,53 @@ def load_workdir(workdir: str) -> Pretrained:
                     channels=channels, step=step, source="workdir")
 
 
-def _file_kind(path: str) -> str | None:
-  with open(path, "rb") as f:
-    head = f.read(9)
-  if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-    return "release"  # Pickle protocol 2+ header; the authors' files use protocol 2.
-  if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 0:
-    return "byol_jax"  # safetensors: u64 header length, then a JSON header.
+def file_kind(data: bytes) -> str | None:
+  """'byol_jax' for a safetensors file, 'release' for a pickle, None for anything else.
+
+  Safetensors is tested first and by its whole structure: its first 8 bytes are a length,
+  which can look like a pickle header (an export whose header is 0x10480 bytes long
+  starts 80 04 01 00 ...), while a pickle never passes the structural test.
+  """
+  if export_formats.safetensors_header(data) is not None:
+    return "byol_jax"  # Or another safetensors file; read_export says which.
+  if release.is_pickle(data):
+    return "release"
   return None
 
 
-def load(path: str) -> Pretrained:
+def load(path: "str | os.PathLike") -> Pretrained:
   """Loads a pretrained encoder from a workdir, a byol_jax export or an authors' .pkl.
 
+  A file is recognised by its content (`file_kind`), whatever its name or extension.
+
   Args:
-    path: a pretraining workdir (its newest intact checkpoint; nothing is written), a
-      file written by `byol-jax export --format=byol_jax`, or a checkpoint of the BYOL
-      authors' release (.pkl, read by a restricted unpickler that runs no code).
+    path: local or gs://; a pretraining workdir (its newest intact checkpoint; nothing is
+      written), a file written by `byol-jax export --format=byol_jax`, or a checkpoint of
+      the BYOL authors' release (.pkl, read by a restricted unpickler that runs no code).
 
   Returns:
     Pretrained with host NumPy params/state named as `networks.make_encoder_network`.
 
   Raises:
     FileNotFoundError: path missing, or a directory without config.json/checkpoints.
-    ValueError: a file of another type (named), e.g. a torchvision-format export.
+    ValueError: a file of another type (its size and first bytes named), e.g. a
+      torchvision-format export.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f"pretrained path {path} does not exist; pass a pretraining "
                             "workdir, a byol_jax export (.safetensors) or an authors' .pkl.")
-  if os.path.isdir(path):
+  if files.is_dir(path):
     return load_workdir(path)
-  kind = _file_kind(path)
+  data = files.read_bytes(path)  # Read once: detection and the reader share the bytes.
+  kind = file_kind(data)
   if kind == "byol_jax":
-    from byol_jax import export  # Local: export imports this module.
-    return export.read_export(path)
+    return export_formats.read_export(path, data)
   if kind == "release":
-    from byol_jax import release
-    return release.load_release(path)
-  raise ValueError(f"{path} is neither a safetensors export nor a pickle checkpoint; pass a "
-                   "pretraining workdir, a byol_jax export or an authors' release .pkl.")
+    return release.load_release(path, data=data)
+  raise ValueError(f"{path} ({len(data)} bytes, starting {data[:16].hex(' ') or 'empty'}) is "
+                   "neither a safetensors export nor a pickle checkpoint; pass a pretraining "
+                   "workdir, a byol_jax export or an authors' release .pkl.")
 
 
 def random_init(c: ml_collections.ConfigDict, bn_batches: int = 50) -> Pretrained:

@@ -1,8 +1,12 @@
-"""export.py: the byol_jax format reproduces the checkpoint's online encoder exactly, and the
-torchvision layout reproduces it in a torchvision-style PyTorch ResNet written here (torch
-only, no torchvision), loaded with strict=True.
+"""export.py / export_formats.py: the byol_jax format reproduces the checkpoint's online
+encoder exactly, whatever the file's name and even where its first bytes look like a pickle
+header; the torchvision layout reproduces it in a torchvision-style PyTorch ResNet written
+here (torch only, no torchvision), loaded with strict=True.
 """
 import json
+import os
+import pickle
+import struct
 
 import jax
 import numpy as np
@@ -11,8 +15,10 @@ import safetensors
 import torch
 from torch import nn
 
+import authors_reference
 from byol_jax import config as config_lib
 from byol_jax import export
+from byol_jax import export_formats
 from byol_jax import networks
 from byol_jax import pretrained
 from test_pretrained import tiny_config, write_workdir
@@ -90,7 +96,7 @@ def test_write_is_atomic_and_leaves_no_partial_file(run, tmp_path, monkeypatch):
 
   def fail(fd):
     raise OSError("disk full")
-  monkeypatch.setattr(export.os, "fsync", fail)
+  monkeypatch.setattr(os, "fsync", fail)
   with pytest.raises(OSError, match="disk full"):
     export.export(str(run[2]), str(out), "byol_jax")
   assert out.read_bytes() == b"previous"
@@ -100,6 +106,61 @@ def test_write_is_atomic_and_leaves_no_partial_file(run, tmp_path, monkeypatch):
 def test_unknown_format_lists_the_valid_ones(run, tmp_path):
   with pytest.raises(ValueError, match=r"'onnx'.*\['byol_jax', 'torchvision'\]"):
     export.export(str(run[2]), str(tmp_path / "x"), "onnx")
+
+
+def test_an_export_without_an_extension_loads(run, encoder, tmp_path):
+  """Files are recognised by content: `--out=enc` gives a file that loads as surely."""
+  out = export.export(str(run[2]), str(tmp_path / "enc"), "byol_jax")
+  assert out == str(tmp_path / "enc") and os.listdir(tmp_path) == ["enc"]
+  images = np.random.RandomState(2).uniform(0, 1, (2, 28, 28, 1)).astype(np.float32)
+  np.testing.assert_array_equal(export.load_encoder(out)(images), encoder(images))
+
+
+def padded_to_header_length(tensors: dict, meta: dict, length: int) -> bytes:
+  """A safetensors file of `tensors` and `meta` plus a metadata entry that pads its JSON
+  header to `length` bytes (safetensors pads headers with spaces to a multiple of 8)."""
+  for extra in range(length):
+    padded = safetensors.numpy.save(tensors, metadata=dict(meta, padding="x" * extra))
+    if struct.unpack("<Q", padded[:8])[0] >= length:
+      assert struct.unpack("<Q", padded[:8])[0] == length, "no padding gives that length"
+      return padded
+
+
+@pytest.mark.parametrize("length, head, keep", [
+    (0x0480, b"\x80\x04\x00\x00", 1),  # Pickle protocol 4; one tensor keeps it this short.
+    (0x10280, b"\x80\x02\x01\x00", None),  # Protocol 2, as the authors' .pkl begin.
+    (0x10480, b"\x80\x04\x01\x00", None),  # As a ResNet-50 export at 64 px began.
+])
+def test_export_whose_length_bytes_look_like_a_pickle_header_loads(length, head, keep, run,
+                                                                   tmp_path):
+  data = open(run[2], "rb").read()
+  tensors = dict(list(safetensors.numpy.load(data).items())[:keep])
+  meta = export_formats.safetensors_header(data)["__metadata__"]
+  path = tmp_path / "encoder.safetensors"
+  path.write_bytes(padded_to_header_length(tensors, meta, length))
+  assert path.read_bytes().startswith(head)
+  loaded = pretrained.load(str(path))
+  assert (loaded.source, loaded.step) == ("byol_jax", 3)
+  got = {f"{kind}:{module}:{name}": value for kind, tree in
+         (("params", loaded.params), ("state", loaded.state))
+         for module, leaves in tree.items() for name, value in leaves.items()}
+  assert got.keys() == tensors.keys()
+  for key, value in tensors.items():
+    np.testing.assert_array_equal(got[key], value)
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    b"\x02\x00\x00\x00\x00\x00\x00\x00{}"[:9],  # Header longer than the file.
+    b"\x02\x00\x00\x00\x00\x00\x00\x00[]",  # JSON, but not an object.
+    b"\x02\x00\x00\x00\x00\x00\x00\x00\xff}",  # Not UTF-8.
+    b"\x00\x00\x00\x00\x00\x00\x00\x00",  # Empty header.
+    pickle.dumps({"step": 1}, protocol=2),
+    pickle.dumps({"step": 1}, protocol=4),
+])
+def test_what_is_not_laid_out_as_safetensors_is_not_taken_for_it(data):
+  assert export_formats.safetensors_header(data) is None
+  assert export_formats.safetensors_header(b"\x02\x00\x00\x00\x00\x00\x00\x00{}") == {}
 
 
 # ---------------------------------------------------------------- torchvision
@@ -184,20 +245,7 @@ def random_pretrained(encoder_name, padding="symmetric", seed=0, **model):
   net = networks.make_encoder_network(c.model)
   shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0),
                                            np.zeros((1, 32, 32, 3), np.float32), True))
-  rng = np.random.RandomState(seed)
-
-  def fill(path, x):
-    name = jax.tree_util.keystr(path)
-    if "counter" in name:
-      return np.full(x.shape, 7, x.dtype)
-    if name.endswith("['w']"):
-      return rng.normal(0, np.sqrt(2.0 / np.prod(x.shape[:-1])), x.shape).astype(x.dtype)
-    if "scale" in name:  # Keeps activations O(1) through 16 residual blocks.
-      return rng.uniform(0.2, 0.7, x.shape).astype(x.dtype)
-    if "var_ema" in name:
-      return rng.uniform(0.5, 1.5, x.shape).astype(x.dtype)
-    return rng.normal(0, 0.2, x.shape).astype(x.dtype)
-  params, state = jax.tree_util.tree_map_with_path(fill, shapes)
+  params, state = authors_reference.random_values(shapes, seed)
   return pretrained.Pretrained(c.model, params, state, 32, 3, 11, "workdir")
 
 
@@ -231,7 +279,7 @@ def test_torchvision_layout_matches_haiku_for_symmetric_padding(arch, tmp_path):
 
 
 def test_torchvision_bn_counter_becomes_num_batches_tracked():
-  sd = export.torchvision_state_dict(random_pretrained("resnet18"))
+  sd = export_formats.torchvision_state_dict(random_pretrained("resnet18"))
   assert sd["bn1.num_batches_tracked"].dtype == np.int64
   assert int(sd["layer2.0.downsample.1.num_batches_tracked"]) == 7
   assert sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
@@ -245,6 +293,8 @@ def test_torchvision_bn_counter_becomes_num_batches_tracked():
     (dict(norm="group_ws"), "model.norm='group_ws'"),
     (dict(norm="none"), "model.norm='none'"),
     (dict(encoder="resnet200"), "model.encoder='resnet200'"),
+    (dict(encoder="resnet18", first_group_projection=True), "first_group_projection=True.*no "
+                                                                 "projection shortcut in layer1.0"),
 ])
 def test_torchvision_refuses_what_it_cannot_express(model, reason, tmp_path):
   c = config_lib.base_config()
@@ -258,7 +308,7 @@ def test_torchvision_refuses_what_it_cannot_express(model, reason, tmp_path):
 def test_torchvision_refuses_grayscale():
   p = random_pretrained("resnet18")._replace(channels=1)
   with pytest.raises(ValueError, match="channels=1; torchvision's ResNets take RGB"):
-    export.torchvision_state_dict(p)
+    export_formats.torchvision_state_dict(p)
 
 
 def test_same_padding_exports_with_a_recorded_note(tmp_path):

@@ -166,10 +166,14 @@ def test_workdir_without_checkpoints_says_so(tmp_path):
     pretrained.load(str(tmp_path))
 
 
-def test_unknown_file_type_is_refused(tmp_path):
+def test_unknown_file_type_is_refused_showing_what_it_looked_like(tmp_path):
   path = tmp_path / "notes.txt"
   path.write_text("not a checkpoint")
-  with pytest.raises(ValueError, match="neither a safetensors export nor a pickle"):
+  with pytest.raises(ValueError, match=r"notes.txt \(16 bytes, starting 6e 6f 74 20 61 .*\) "
+                                       "is neither a safetensors export nor a pickle"):
+    pretrained.load(str(path))
+  path.write_bytes(b"")
+  with pytest.raises(ValueError, match=r"\(0 bytes, starting empty\)"):
     pretrained.load(str(path))
 
 
