@@ -100,11 +100,17 @@ def listdir(url: PathLike) -> list[str]:
 
 def files_under(url: PathLike) -> list[str]:
   """Relative '/'-separated paths of every file below a directory, sorted."""
-  root = as_path(url)
+  # By iterdir, not walk: epath's fsspec backend walks with paths stripped of 'gs://'.
   found = []
-  for directory, _, names in root.walk():
-    rel = os.fspath(directory)[len(os.fspath(root)):].strip("/")
-    found.extend(f"{rel}/{name}" if rel else name for name in names)
+
+  def visit(path: epath.Path, prefix: str) -> None:
+    for child in path.iterdir():
+      if child.is_dir():
+        visit(child, f"{prefix}{child.name}/")
+      else:
+        found.append(prefix + child.name)
+
+  visit(as_path(url), "")
   return sorted(found)
 
 

