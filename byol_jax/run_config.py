@@ -28,8 +28,10 @@ STATE_DEFINING_FIELDS = {
     "optim.lars_order": "the meaning of the LARS momentum buffer in opt_state",
 }
 # Fields under a state-defining prefix that leave the saved state's meaning unchanged: a run
-# may resume on another platform with the other way of computing convolutions.
-FREE_FIELDS = frozenset({"model.conv_impl"})
+# may resume on another platform with the other way of computing convolutions, and the
+# initialisation of residual branches matters only before the first step (so a workdir
+# whose config.json holds the legacy false/true resumes under today's default).
+FREE_FIELDS = frozenset({"model.conv_impl", "model.zero_init_residual"})
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -26,3 +26,9 @@ def test_a_field_the_saved_run_predates_compares_as_its_schema_default():
   assert run_config.config_mismatches(saved, {"model": {"width": 1.0, "padding": "same"}}) == []
   assert run_config.config_mismatches(saved, {"model": {"width": 1.0, "padding": "symmetric"}}) == [
       f"model.padding: saved <absent: default 'same'>, now 'symmetric' ({reasons['model.']})"]
+
+
+def test_an_old_workdir_with_a_legacy_zero_init_bool_resumes_under_the_new_default():
+  saved = {"model": {"width": 1.0, "zero_init_residual": False}}
+  assert run_config.config_mismatches(saved, {"model": {"width": 1.0,
+                                                        "zero_init_residual": "authors"}}) == []
