@@ -11,6 +11,9 @@ whose params are the very arrays in the file.
 import os
 import pickle
 import subprocess
+import sys
+import urllib.parse
+import urllib.request
 
 import dill
 import jax
@@ -19,8 +22,10 @@ import optax
 import pytest
 
 import authors_reference as authors
+from test_gcs_workdir import gcs  # noqa: F401  (fake-gcs-server fixture)
 from byol_jax import config as config_lib
 from byol_jax import export
+from byol_jax import export_formats
 from byol_jax import networks
 from byol_jax import pretrained
 from byol_jax import release
@@ -113,6 +118,29 @@ def test_classes_by_reference_load_the_same_weights(writer, resnet18, tmp_path):
   assert "dill._dill._create_namedtuple" not in names
   want = pretrained.load(str(by_value_path))
   got = pretrained.load(str(path))
+  assert got.model.to_dict() == want.model.to_dict()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, (got.params, got.state),
+                         (want.params, want.state))
+
+
+def test_export_command_reads_a_release_from_gs_and_writes_there(gcs, resnet18):  # noqa: F811
+  """`byol-jax export --from_release=gs://...` as a user runs it, in its own process (epath
+  picks its gs backend once per process, so this one's earlier local reads cannot steer
+  it); the bucket is filled and read through the emulator's HTTP API, not byol_jax."""
+  _, _, _, path, data = resnet18
+  name = urllib.parse.quote("release/pretrain.pkl", safe="")
+  upload = urllib.request.Request(
+      f"{gcs.server_url}/upload/storage/v1/b/{gcs.url()[len('gs://'):]}/o?uploadType=media&"
+      f"name={name}", data=data, headers={"Content-Type": "application/octet-stream"},
+      method="POST")
+  urllib.request.urlopen(upload, timeout=60).close()
+  out = gcs.url("exports", "enc")
+  done = subprocess.run([sys.executable, "-m", "byol_jax", "export",
+                         f"--from_release={gcs.url('release', 'pretrain.pkl')}", f"--out={out}"],
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = export_formats.read_export(out, gcs.read("exports/enc"))
+  want = pretrained.load(str(path))
   assert got.model.to_dict() == want.model.to_dict()
   jax.tree_util.tree_map(np.testing.assert_array_equal, (got.params, got.state),
                          (want.params, want.state))
