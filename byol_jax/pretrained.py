@@ -1,12 +1,16 @@
 """One place that turns "a pretrained thing on disk" into an encoder's weights.
 
 `load(path)` accepts a pretraining workdir (its newest intact checkpoint, read without
-writing anything), a byol_jax export (export.py's safetensors format) or a release
-checkpoint of the BYOL authors (.pkl, release.py), and returns the online encoder's
+writing anything), a byol_jax export (export_formats.py's safetensors layout) or a
+release checkpoint of the BYOL authors (.pkl, release.py), and returns the online encoder's
 parameters and batch-norm state under the names `networks.make_encoder_network` uses,
 with the model config needed to build that network. `resolve(config, spec)` also accepts
 the word `random`: the recipe's encoder with random weights (`random_init`), the baseline
 every evaluation command can be run on (`--pretrained=random`).
+
+This is the hub that knows the formats: it imports their readers (export_formats,
+release), which know nothing of it; export.py, which writes exports from anything loaded
+here, sits above it. Paths are local or gs:// (files.py).
 """
 import os
 from typing import Any, Mapping
