@@ -22,7 +22,7 @@ import optax
 import pytest
 
 import authors_reference as authors
-from test_gcs_workdir import gcs  # noqa: F401  (fake-gcs-server fixture)
+from fake_gcs import gcs  # noqa: F401  (fake-gcs-server fixture)
 from byol_jax import config as config_lib
 from byol_jax import export
 from byol_jax import export_formats
