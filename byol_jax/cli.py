@@ -96,6 +96,31 @@ def _config():
   return config_lib.validate(FLAGS.config)
 
 
+def _config_for_data():
+  """The recipe with sizes and classes from its data set, its train split checked."""
+  from byol_jax import sources
+  return sources.resolve_dataset(_config(), reads=())
+
+
+def _config_for_synthetic():
+  """The recipe for benchmarks on synthetic data: resolved from its data set when that is
+  prepared; else its sizes must be given, since the schedules and the probe need them."""
+  from byol_jax import sources
+  c = _config()
+  try:
+    return sources.resolve_dataset(c, reads=())
+  except sources.DatasetNotPreparedError:
+    pass
+  if not c.dataset.num_classes:
+    raise UsageError(f"data set {c.dataset.name!r} is not prepared, so the benchmark cannot take "
+                     "the probe's class count from it: pass --config.dataset.num_classes=N.")
+  if not c.num_steps and not c.dataset.num_train_examples:
+    raise UsageError(f"data set {c.dataset.name!r} is not prepared, so the benchmark cannot take "
+                     "the run length of its schedules from it: pass "
+                     "--config.dataset.num_train_examples=N or --config.num_steps=N.")
+  return c
+
+
 def _maybe_initialize_distributed() -> None:
   """jax.distributed.initialize from flags, $JAX_* variables, or cluster auto-detection.
 
@@ -166,7 +191,7 @@ def _preview(args: list[str]) -> None:
   if args or not FLAGS.out:
     raise UsageError("usage: byol-jax preview --config=FILE --out=views.png [--num_images=8]")
   from byol_jax import preview
-  path = preview.write_preview(_config(), FLAGS.out, FLAGS.num_images)
+  path = preview.write_preview(_config_for_data(), FLAGS.out, FLAGS.num_images)
   print(f"wrote {path}: rows of [crop 1 | view 1 | crop 2 | view 2]")
 
 
@@ -174,13 +199,15 @@ def _bench(args: list[str]) -> None:
   what = args[0] if args else None
   if what == "step":
     from byol_jax import bench
-    figures = bench.step_benchmark(_config(), FLAGS.bench_steps, FLAGS.bench_rounds, FLAGS.channels)
+    figures = bench.step_benchmark(_config_for_synthetic(), FLAGS.bench_steps, FLAGS.bench_rounds,
+                                   FLAGS.channels)
   elif what == "input":
     from byol_jax import bench_input
     figures = bench_input.input_benchmark(_config())
   elif what == "memory":
     from byol_jax import bench
-    figures = bench.memory_benchmark(_config(), FLAGS.memory_budget_gb, FLAGS.channels)
+    figures = bench.memory_benchmark(_config_for_synthetic(), FLAGS.memory_budget_gb,
+                                     FLAGS.channels)
   else:
     raise UsageError(f"unknown benchmark {what!r}; valid: ['input', 'memory', 'step'].")
   print(json.dumps(figures))

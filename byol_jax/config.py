@@ -67,9 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
       data_dir="",  # '' = tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR).
       train_split="train",
       eval_split="validation",
-      num_classes=1000,
-      num_train_examples=1_281_167,
-      validation_examples=10_000,  # Held out of train for hyperparameter selection.
+      # 0: from the prepared data set's metadata (sources.resolve_dataset, at every job's
+      # start): the label feature's class count and the size of train_split (slices
+      # included). A non-zero value must equal the data's: a recipe may state its data
+      # set's numbers, and pointed at other data it stops with the fix instead of silently
+      # scheduling the run for another size. ImageNet: 1000 classes, 1,281,167 examples.
+      num_classes=0,
+      num_train_examples=0,
+      # Held out of train_split for the linear protocol's learning-rate choice; checked
+      # against the split's size at the start of linear evaluation.
+      validation_examples=10_000,
       deterministic=False,
       channels=0,  # 0: the data set's own channel count; 1 or 3 converts.
       eval_crop_fraction=224 / 256,  # Centre crop of the shorter side at evaluation.
@@ -224,10 +231,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(c.optim.lars_order, "optim.lars_order", LARS_ORDERS)
   resolve_zero_init(c.model.zero_init_residual)
   for field in ("batch_size", "image_size", "model.width", "model.projector_hidden",
-                "model.projector_out", "model.predictor_hidden", "dataset.num_classes"):
+                "model.projector_out", "model.predictor_hidden"):
     _positive(_get(c, field), field)
   for field in ("num_epochs", "num_steps", "optim.base_lr", "optim.weight_decay",
-                "optim.warmup_epochs", "optim.predictor_lr_multiplier"):
+                "optim.warmup_epochs", "optim.predictor_lr_multiplier", "dataset.num_classes",
+                "dataset.num_train_examples", "dataset.validation_examples"):
     _positive(_get(c, field), field, allow_zero=True)
   if c.num_steps == 0 and c.num_epochs == 0:
     raise ValueError("config.num_steps and config.num_epochs are both 0: set one of them.")
@@ -288,6 +296,10 @@ def total_steps(c: ml_collections.ConfigDict) -> int:
   """`num_steps` when set, else `num_epochs` worth of steps."""
   if c.num_steps:
     return int(c.num_steps)
+  if not c.dataset.num_train_examples:
+    raise ValueError("config.dataset.num_train_examples=0 (take it from the data) has not "
+                     "been resolved: call sources.resolve_dataset(c) first, as every job does, "
+                     "or set config.num_steps.")
   return max(1, int(round(c.num_epochs * steps_per_epoch(c))))
 
 

@@ -22,6 +22,7 @@ whole.
 """
 import collections
 import os
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -99,11 +100,33 @@ def _count_skips(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), step)
 
 
-def _decode_stream(ds, transform) -> tf.data.Dataset:
+LABEL_ERROR = "byol_jax: label outside [0, dataset.num_classes)"
+
+
+def _check_labels(ds: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
+  """Fails the iteration on a label outside [0, num_classes) (0: no bound known).
+
+  resolve_dataset checks the class count from the metadata; this catches data whose
+  labels disagree with it, or data sets that record none.
+  """
+  if not num_classes:
+    return ds
+
+  def check(ex):
+    label = ex["label"]
+    valid = tf.logical_and(label >= 0, label < num_classes)
+    with tf.control_dependencies([tf.debugging.Assert(valid, [LABEL_ERROR, label,
+                                                              num_classes])]):
+      return {**ex, "label": tf.identity(label)}
+  return ds.map(check)
+
+
+def _decode_stream(ds, transform, num_classes: int) -> tf.data.Dataset:
   # Order-preserving map so that gaps in the enumeration are exactly the skipped images.
   ds = ds.enumerate().map(lambda i, ex: (i, transform(ex)),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return _count_skips(ds.ignore_errors(log_warning=True))
+  # Labels are checked after ignore_errors, which would drop a bad one as a "corrupt image".
+  return _check_labels(_count_skips(ds.ignore_errors(log_warning=True)), num_classes)
 
 
 # ---------------------------------------------------------------------- iterators
@@ -128,9 +151,23 @@ class InputIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except tf.errors.InvalidArgumentError as e:
+      if LABEL_ERROR not in e.message:
+        raise
+      raise ValueError(_label_message(e.message)) from None
     self.skipped_images = max(self.skipped_images, int(batch.pop(_SKIPPED)))
     return batch
+
+
+def _label_message(text: str) -> str:
+  """One line from tf.debugging.Assert's 'assertion failed: [msg] [label] [num_classes]'."""
+  values = re.findall(r"\[(-?\d+)\]", text.split(LABEL_ERROR)[-1])
+  label, bound = (values + ["?", "?"])[:2]
+  return (f"the data holds label {label}, outside [0, {bound}) (dataset.num_classes={bound}); "
+          f"set --config.dataset.num_classes to the data's class count (0: from its "
+          "metadata), or fix the labels.")
 
 
 def tf_data_options(config, deterministic: bool) -> tf.data.Options:
@@ -173,12 +210,12 @@ def _train_iterator(config, mode, split, process_index, process_count, local_dev
   deterministic = bool(config.dataset.deterministic)
   src = sources.open_split(config, split, process_index, process_count, deterministic)
   base = src.ds.cache() if src.small else src.ds
-  return _stream(config, mode, base, src.num_examples, src.small, src.channels,
+  return _stream(config, mode, base, src.num_examples, src.small, src.channels, src.num_classes,
                  process_index, process_count, local_device_count, start_step, batch_size)
 
 
-def _stream(config, mode, base, num_examples, small, channels, process_index, process_count,
-            local_device_count, start_step, batch_size) -> InputIterator:
+def _stream(config, mode, base, num_examples, small, channels, num_classes, process_index,
+            process_count, local_device_count, start_step, batch_size) -> InputIterator:
   """Infinite shuffled, decoded, batched stream over `base` (this process's examples)."""
   deterministic = bool(config.dataset.deterministic)
   per_process = _per_process_batch(batch_size or config.batch_size, process_count,
@@ -201,7 +238,7 @@ def _stream(config, mode, base, num_examples, small, channels, process_index, pr
     # Shuffling after repeat never drains the buffer at epoch ends (no refill stall).
     seed = hash((config.seed, process_index, start_step)) % (2**31)
     ds = base.repeat().shuffle(buffer, seed=seed)
-  ds = _decode_stream(ds, _make_transform(config, mode, process_index, channels))
+  ds = _decode_stream(ds, _make_transform(config, mode, process_index, channels), num_classes)
   ds = _to_devices(ds, per_process, local_device_count)
   return InputIterator(ds.with_options(tf_data_options(config, deterministic)))
 
@@ -263,12 +300,19 @@ def split_labels(config, split: str | None = None) -> np.ndarray:
 
   Returns:
     [N] int64, labels[i] the label of example i (the index `finetune_dataset` takes).
+
+  Raises:
+    ValueError: a label outside [0, num_classes) (dataset.num_classes, else the metadata's).
   """
   decoders = tfds.decode.PartialDecoding({"label": True})
-  _, ds = _in_stored_order(config, split, decoders)
+  src, ds = _in_stored_order(config, split, decoders)
   ds = ds.map(lambda ex: ex["label"]).batch(8192)
-  return np.concatenate([np.asarray(b, np.int64) for b in tfds.as_numpy(ds)] or
-                        [np.zeros([0], np.int64)])
+  labels = np.concatenate([np.asarray(b, np.int64) for b in tfds.as_numpy(ds)] or
+                          [np.zeros([0], np.int64)])
+  outside = labels[(labels < 0) | (labels >= src.num_classes)] if src.num_classes else []
+  if len(outside):
+    raise ValueError(_label_message(f"[{outside[0]}] [{src.num_classes}]"))
+  return labels
 
 
 def finetune_dataset(config, subset_indices, *, split: str | None = None,
@@ -327,8 +371,8 @@ def finetune_dataset(config, subset_indices, *, split: str | None = None,
   small = split_bytes * count / src.total_examples <= config.dataset.get(
       "cache_max_bytes", sources.DEFAULT_CACHE_MAX_BYTES)
   base = ds.cache() if small else ds
-  return _stream(config, "linear", base, count, small, src.channels, process_index,
-                 process_count, local_device_count, start_step, batch_size)
+  return _stream(config, "linear", base, count, small, src.channels, src.num_classes,
+                 process_index, process_count, local_device_count, start_step, batch_size)
 
 
 def eval_dataset(config, split: str | None = None, *, process_index: int = 0,
@@ -354,7 +398,8 @@ def eval_dataset(config, split: str | None = None, *, process_index: int = 0,
   src = sources.open_split(config, split or config.dataset.eval_split, process_index,
                            process_count, deterministic=True)
   num_batches = _ceil_div(_ceil_div(src.total_examples, process_count), per_process)
-  ds = _decode_stream(src.ds, _make_transform(config, "eval", process_index, src.channels))
+  ds = _decode_stream(src.ds, _make_transform(config, "eval", process_index, src.channels),
+                      src.num_classes)
   padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   ds = _to_devices(ds, per_process, local_device_count).take(num_batches)

@@ -308,6 +308,7 @@ def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
   c = ml_collections.ConfigDict(c.to_dict())  # Unlocked copy; the encoder owns `model`.
   c.model = ml_collections.ConfigDict(pretrained.model.to_dict())
   config_lib.validate(c)
+  c = sources.resolve_dataset(c, reads=("eval",))
   ft = c.finetune
   check_compatible(c, pretrained, data.num_channels(c))
   parallel.per_device_batch(ft.batch_size)  # Fails early, naming both numbers.

@@ -313,6 +313,7 @@ def run(c: ml_collections.ConfigDict, pretrained, workdir: str,
   start = time.monotonic()
   config_lib.validate(c)
   _check_linear(c)
+  c = sources.resolve_dataset(c, reads=("eval", "holdout"))
   p = load_checked(c, pretrained)
   _schedule(sources.open_split(c, "train_minus_val").total_examples, c)  # Fail early.
   encoder = networks.make_encoder_network(p.model, parallel.DEVICE_AXIS, c.precision)
@@ -380,6 +381,7 @@ def knn_run(c: ml_collections.ConfigDict, pretrained, workdir: str,
   print_fn = print_fn or (lambda line: print(line, flush=True))
   start = time.monotonic()
   config_lib.validate(c)
+  c = sources.resolve_dataset(c, reads=("eval", "knn"))
   p = load_checked(c, pretrained)
   encoder = networks.make_encoder_network(p.model, parallel.DEVICE_AXIS, c.precision)
   result = evaluate.knn_monitor(c, evaluate.make_pmapped_features(encoder),

@@ -24,6 +24,7 @@ from byol_jax import evaluate
 from byol_jax import files
 from byol_jax import parallel
 from byol_jax import run_config
+from byol_jax import sources
 from byol_jax import train
 from byol_jax import writers
 
@@ -187,7 +188,8 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
   """Runs (or resumes) pretraining of config `c` in `workdir` to config_lib.total_steps(c).
 
   Args:
-    c: a validated config.
+    c: a validated config; dataset.num_train_examples and num_classes at 0 are taken
+      from the data (sources.resolve_dataset).
     workdir: checkpoints, config.json, metrics.jsonl and TensorBoard events go here.
     print_fn: console output (default print).
 
@@ -199,6 +201,9 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate(c)
   files.check_url(workdir)  # An unsupported scheme stops here, before anything is written.
+  # Sizes and classes from the data, every split checked, before anything is written: the
+  # resolved numbers drive the schedules, go to config.json and meet the resume guard.
+  c = sources.resolve_dataset(c, reads=("eval", "knn") if c.knn.every_steps else ("eval",))
   _agree_on_config(c)  # Before any work, and before the Checkpointer writes config.json.
   total = config_lib.total_steps(c)
   parallel.per_device_batch(c.batch_size)  # Fails early with both numbers.

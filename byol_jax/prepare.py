@@ -15,6 +15,7 @@ import logging
 import pathlib
 import re
 import struct
+import sys
 from typing import Iterable, Mapping
 import zlib
 
@@ -22,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
+from tensorflow_datasets.core.utils import tqdm_utils
 from tensorflow_datasets.core.dataset_builders import adhoc_builder
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -68,7 +70,16 @@ def store_dataset(name: str, version: str, features: tfds.features.FeaturesDict,
   builder = _Builder(name=name, version=version, features=features, split_datasets=splits,
                      data_dir=data_dir, description=description or name,
                      disable_shuffling=disable_shuffling)
-  builder.download_and_prepare()
+  shown = getattr(tqdm_utils, "_active", True)
+  # tqdm redraws and finally clears its bars with carriage returns, never a newline: on a
+  # terminal the next line overwrites them, but in a pipe or log file the next line
+  # (tfds's "Dataset ... prepared", then the command's summary) continues the bars' line.
+  # Off a terminal the bars are only noise, so they are off while preparing.
+  tfds.display_progress_bar(shown and sys.stderr.isatty())
+  try:
+    builder.download_and_prepare()
+  finally:
+    tfds.display_progress_bar(shown)
   return str(pathlib.Path(builder.data_dir).parents[1])
 
 

@@ -8,7 +8,12 @@ Splits: any tfds split string ('train', 'validation', 'train[10000:]', ...) or
                      validation split, as in the authors' release).
 A data set that is not on disk raises DatasetNotPreparedError saying how to make it
 (local data is made into tfds data sets by prepare.py).
+
+`resolve_dataset` runs at every job's start, before any step, feature or file: it fills
+what the data set's metadata knows (dataset.num_train_examples, dataset.num_classes: 0 means
+"from the data") and checks every split the job will read, naming the field and a fix.
 """
+import copy
 import dataclasses
 
 import tensorflow as tf
@@ -46,6 +51,139 @@ def how_to_prepare(name: str, data_dir: str | None) -> str:
     text += (f" {name} needs a manual download: put the files in "
              f"DIR/downloads/manual first. tfds says: {' '.join(manual.split())}")
   return text
+
+
+# ------------------------------------------------------------ resolving the config
+
+# What a job reads besides dataset.train_split: 'eval' (dataset.eval_split), 'holdout' (the
+# linear protocol's dataset.validation_examples carve-out of train), 'knn' (the kNN bank,
+# knn.train_examples of train).
+READS = ("eval", "holdout", "knn")
+
+
+def _set_flag(field: str, value) -> str:
+  return f"--config.{field}={value!r}" if isinstance(value, str) else f"--config.{field}={value}"
+
+
+def split_examples(builder, split: str, field: str) -> int:
+  """Examples in the tfds split string of config.`field` (slices and '+' too), from metadata.
+
+  Args:
+    builder: the prepared data set's tfds builder.
+    split: a tfds split string, the value of config.`field`.
+    field: the config field it came from, for the message.
+
+  Raises:
+    ValueError: unknown split, bad syntax, an out-of-range or empty slice; the message
+      names the field, the data set's splits and one that would work.
+  """
+  name, known = builder.info.name, sorted(builder.info.splits)
+  preferred = ("test", "validation") if field == "dataset.eval_split" else ("train",)
+  example = next((k for k in preferred if k in known), known[0] if known else "train")
+  fix = (f"set {_set_flag(field, example)} (its splits: {known}; slices such as "
+         f"'{example}[:50%]' work too)")
+  try:
+    count = int(builder.info.splits[split].num_examples)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"config.{field}={split!r} is not a split of {name!r} "
+                     f"({' '.join(str(e).split())}); {fix}.") from None
+  if count <= 0:
+    raise ValueError(f"config.{field}={split!r} selects no examples of {name!r} ({count}); "
+                     f"{fix}.")
+  return count
+
+
+def label_classes(builder) -> int | None:
+  """The class count the data set's label feature records, or None when it records none."""
+  return getattr(builder.info.features["label"], "num_classes", None) or None
+
+
+def _resolved(field: str, value: int, found: int, what: str) -> int:
+  """`found` when the config leaves `value` at 0, else `value` if it agrees with the data."""
+  if value and value != found:
+    raise ValueError(f"config.{field}={value} contradicts the data: {what} has {found}; "
+                     f"set --config.{field}=0 to take it from the data (a deliberate subset of "
+                     "the examples is a split slice, e.g. --config.dataset.train_split="
+                     "'train[:50%]').")
+  return found
+
+
+def _check_holdout(c, builder, train: int) -> None:
+  """The linear protocol's carve-out: dataset.validation_examples of train, and a rest."""
+  held = int(c.dataset.validation_examples)
+  where = f"split {c.dataset.train_split!r} of {builder.info.name!r}"
+  if "[" in c.dataset.train_split or "+" in c.dataset.train_split:
+    raise ValueError(f"config.dataset.train_split={c.dataset.train_split!r} is a slice, which "
+                     "the linear protocol cannot carve its validation examples from; set "
+                     "--config.dataset.train_split to a whole split such as 'train'.")
+  fix = (f"set --config.dataset.validation_examples={max(1, train // 10)} (10%) or another "
+         f"number in [1, {train - 1}]")
+  if held <= 0:
+    raise ValueError(f"config.dataset.validation_examples={held} must be > 0: the linear "
+                     f"protocol picks its learning rate on that many examples held out of "
+                     f"{where}; {fix}.")
+  if held >= train:
+    verb = "exceeds" if held > train else "leaves nothing to train on of"
+    raise ValueError(f"config.dataset.validation_examples={held} {verb} the {train} examples "
+                     f"of {where}; {fix}.")
+
+
+def _check_knn(c, train: int, name: str) -> None:
+  bank = int(c.knn.train_examples)
+  if bank > train:
+    raise ValueError(f"config.knn.train_examples={bank} exceeds the {train} examples of split "
+                     f"{c.dataset.train_split!r} of {name!r}; set --config.knn.train_examples="
+                     f"{train} or fewer (0: all of them).")
+
+
+def resolve_dataset(config, reads=("eval",)):
+  """The config with what the data knows filled in, every split a job reads checked.
+
+  Call once at a job's start, before anything is computed or written. Fills
+  dataset.num_train_examples (the size of dataset.train_split, slices included) and
+  dataset.num_classes (the label feature's class count) where they are 0; a non-zero
+  value must equal the data's. Needs the data set prepared; reads only its metadata.
+
+  Args:
+    config: a validated config (not modified).
+    reads: which of READS the job reads besides the train split.
+
+  Returns:
+    A copy of `config` (locked if it was) with both fields set.
+
+  Raises:
+    DatasetNotPreparedError: the data set is not on disk (says how to make it).
+    ValueError: one line naming the field, the data's value and the fix: an unknown or
+      empty split, a size or class count that contradicts the data, a carve-out larger
+      than the split, or a data set without a class count and num_classes=0.
+  """
+  unknown = sorted(set(reads) - set(READS))
+  if unknown:
+    raise ValueError(f"reads={unknown} are not in {list(READS)}.")
+  d = config.dataset
+  builder = _builder(d.name, d.data_dir or None)
+  if not builder.info.splits:  # A folder without dataset_info: tfds has not prepared it.
+    raise DatasetNotPreparedError(how_to_prepare(d.name, d.data_dir or None))
+  train = split_examples(builder, d.train_split, "dataset.train_split")
+  if "eval" in reads:
+    split_examples(builder, d.eval_split, "dataset.eval_split")
+  if "holdout" in reads:
+    _check_holdout(config, builder, train)
+  if "knn" in reads:
+    _check_knn(config, train, builder.info.name)
+  out = copy.deepcopy(config)
+  out.dataset.num_train_examples = _resolved(
+      "dataset.num_train_examples", int(d.num_train_examples), train,
+      f"split {d.train_split!r} of {builder.info.name!r}")
+  classes = label_classes(builder)
+  if classes is None and not d.num_classes:
+    raise ValueError(f"data set {builder.info.name!r} does not record its class count (its "
+                     "label feature is not a ClassLabel); set --config.dataset.num_classes to "
+                     "it (labels must lie in [0, num_classes)).")
+  if classes is not None:
+    out.dataset.num_classes = _resolved("dataset.num_classes", int(d.num_classes), classes,
+                                        f"the label feature of {builder.info.name!r}")
+  return out
 
 
 # ------------------------------------------------------------------ reading splits
@@ -96,6 +234,8 @@ class SplitSource:
     total_examples: examples in the whole split (all processes).
     channels: image channels to decode to (dataset.channels, else the feature's).
     small: the slice fits under dataset.cache_max_bytes, so data.py caches it.
+    num_classes: labels must lie in [0, num_classes): dataset.num_classes, else the
+      label feature's class count; 0 when neither is known.
   """
   ds: tf.data.Dataset
   split: str
@@ -103,6 +243,7 @@ class SplitSource:
   total_examples: int
   channels: int
   small: bool
+  num_classes: int = 0
 
 
 def open_split(config, split: str | None, process_index: int = 0, process_count: int = 1,
@@ -146,5 +287,6 @@ def open_split(config, split: str | None, process_index: int = 0, process_count:
   except (KeyError, ValueError, AssertionError, TypeError):
     num_bytes = 0  # Unknown (mocked data): small.
   return SplitSource(ds, split, count, total, _channels(config, builder),
-                     num_bytes <= config.dataset.get("cache_max_bytes", DEFAULT_CACHE_MAX_BYTES))
+                     num_bytes <= config.dataset.get("cache_max_bytes", DEFAULT_CACHE_MAX_BYTES),
+                     int(config.dataset.num_classes or label_classes(builder) or 0))
 

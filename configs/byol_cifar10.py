@@ -53,7 +53,8 @@ def get_config(arg: str | None = None):
   c = config_lib.base_config()
   c.image_size = 32
   c.dataset.update(dict(name="cifar10", train_split="train", eval_split="test",
-                        num_classes=10, num_train_examples=50_000, validation_examples=5_000))
+                        # Train size from the data (50,000 in the tfds catalogue).
+                        num_classes=10, num_train_examples=0, validation_examples=5_000))
   c.linear.update(dict(mode="features", batch_size=1024, num_epochs=100.0))
   _gpu(c)
   if arg in ("cpu", "smoke"):

@@ -38,7 +38,8 @@ def get_config(arg: str | None = None):
   c.image_size = 28
   c.num_epochs = 2.5
   c.dataset.update(dict(name="fashion_mnist", train_split="train", eval_split="test",
-                        num_classes=10, num_train_examples=60_000, validation_examples=5_000,
+                        # Train size from the data (60,000 for Fashion-MNIST).
+                        num_classes=10, num_train_examples=0, validation_examples=5_000,
                         deterministic=False))
   c.model.update(dict(encoder="resnet18", width=0.5, stem="imagenet", projector_hidden=512,
                       projector_out=128, predictor_hidden=512, gn_groups=8,

@@ -27,7 +27,8 @@ def get_config(arg: str | None = None):
   c.num_epochs = 1000.0
   c.dataset.update(dict(name="imagenette/160px-v2", train_split="train",
                         eval_split="validation", num_classes=10,
-                        num_train_examples=9_469, validation_examples=500))
+                        # Train size from the data (9,469 in the tfds catalogue).
+                        num_train_examples=0, validation_examples=500))
   c.model.update(dict(encoder="resnet18", width=1.0, stem="imagenet"))
   c.optim.update(dict(base_lr=2.0, weight_decay=1e-6, warmup_epochs=10.0))
   c.target.tau_base = 0.99

@@ -29,6 +29,10 @@ PAPER_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99),
 # The encoders the paper reports, as (config encoder, width).
 PAPER_ENCODERS = {"r50": ("resnet50", 1.0), "r50x2": ("resnet50", 2.0),
                   "r50x4": ("resnet50", 4.0), "r200x2": ("resnet200", 2.0)}
+# Train split sizes of each recipe's data set (tfds catalogue); the recipes take them from
+# the data (dataset.num_train_examples=0), so tests of epoch-based lengths set them.
+TRAIN_EXAMPLES = {"byol_imagenet": 1_281_167, "byol_imagenette": 9_469,
+                  "byol_cifar10": 50_000, "byol_fashion_mnist": 60_000}
 # Every (recipe, arg) that must load; the ImageNet presets are crossed below.
 ARGS = {"byol_imagenet": ["", "smoke", "1000", "r50x2", "r200x2-1000", "40-r50x4"],
         "byol_imagenette": ["", "smoke"], "byol_cifar10": ["", "cpu", "smoke"],
@@ -46,6 +50,12 @@ def test_recipe_loads_locked_and_valid(name, arg):
   assert c.is_locked
   with pytest.raises(AttributeError):
     c.optim.base_lrr = 1.0  # A misspelt field fails instead of being added.
+  assert (c.dataset.num_train_examples, c.dataset.num_classes) == (
+      0, 1000 if name == "byol_imagenet" else 10)  # Train size from the data; classes stated.
+  if not c.num_steps:
+    with pytest.raises(ValueError, match="resolve_dataset"):
+      config_lib.total_steps(c)  # Epochs of an unknown split: no silent guess.
+  c.dataset.num_train_examples = TRAIN_EXAMPLES[name]
   assert config_lib.total_steps(c) >= 1
   if arg == "smoke":
     assert c.batch_size <= 8 and config_lib.total_steps(c) <= 4 and c.model.width <= 0.125
@@ -70,8 +80,9 @@ def test_imagenet_presets_match_the_paper(encoder, epochs):
   assert (c.target.schedule, c.model.stem, c.image_size) == ("cosine", "imagenet", 224)
   assert (c.model.projector_hidden, c.model.projector_out, c.model.predictor_hidden) == (
       4096, 256, 4096)
-  # Warm-up in steps: 10 epochs of 1,281,167 // 4096 = 312 steps each.
-  assert config_lib.warmup_steps(c) == 10 * (1_281_167 // 4096)
+  # Warm-up in steps, once the data gives the train size: 10 epochs of 1,281,167 // 4096.
+  c.dataset.num_train_examples = TRAIN_EXAMPLES["byol_imagenet"]
+  assert config_lib.warmup_steps(c) == 10 * (1_281_167 // 4096) == 3120
   # The paper's linear protocol: 80 epochs, batch 1024, SGD + Nesterov, no weight decay.
   assert (c.linear.mode, c.linear.num_epochs, c.linear.batch_size) == ("augmented", 80, 1024)
   assert (c.linear.momentum, c.linear.nesterov, c.linear.weight_decay) == (0.9, True, 0.0)
@@ -90,7 +101,7 @@ def test_imagenette_is_the_authors_small_setting():
   assert (c.optim.base_lr, c.optim.weight_decay, c.num_epochs) == (2.0, 1e-6, 1000)
   assert (c.dataset.name, c.dataset.eval_split, c.dataset.num_classes) == (
       "imagenette/160px-v2", "validation", 10)
-  assert c.dataset.num_train_examples == 9_469  # tfds catalog, 160px-v2 'train'.
+  assert c.dataset.num_train_examples == 0  # From the data (9,469 in 160px-v2 'train').
   assert c.linear.mode == "features"
 
 
@@ -99,7 +110,7 @@ def test_cifar10_recipe_uses_the_small_stem_at_32px():
     c = recipe("byol_cifar10").get_config(arg)
     assert (c.model.encoder, c.model.stem, c.image_size) == ("resnet18", "small", 32)
     assert (c.dataset.name, c.dataset.eval_split, c.dataset.num_train_examples) == (
-        "cifar10", "test", 50_000)
+        "cifar10", "test", 0)
     assert c.linear.mode == "features"
     assert c.augment.view1.blur_prob == c.augment.view2.blur_prob == 0.0
   # Solarize stays as the paper's (view 2 only): only blur is changed for 32 px.
