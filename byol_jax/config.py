@@ -296,10 +296,6 @@ def total_steps(c: ml_collections.ConfigDict) -> int:
   """`num_steps` when set, else `num_epochs` worth of steps."""
   if c.num_steps:
     return int(c.num_steps)
-  if not c.dataset.num_train_examples:
-    raise ValueError("config.dataset.num_train_examples=0 (take it from the data) has not "
-                     "been resolved: call sources.resolve_dataset(c) first, as every job does, "
-                     "or set config.num_steps.")
   return max(1, int(round(c.num_epochs * steps_per_epoch(c))))
 
 
