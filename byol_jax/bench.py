@@ -1,16 +1,18 @@
 """Benchmarks that return figures as a dict (the CLI prints it as one JSON line).
 
 `step_benchmark` times the full pmapped BYOL update against the bare encoder doing the
-unavoidable work on the same batch (online forward+backward on both views, target
+unavoidable work on the same batch, and counts the collectives of the compiled update (online forward+backward on both views, target
 forward on both views), interleaving the two in one process so the ratio is robust to
 other load on the machine. `memory_benchmark` reads XLA's memory analysis of the
 compiled update (no allocation) to find the largest per-device batch that fits a
 budget. `input_benchmark` lives in bench_input.py.
 """
+import collections
 import os
+import re
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import haiku as hk
 import jax
@@ -53,6 +55,96 @@ def _flops(compiled) -> float:
   return float(analysis.get("flops", 0.0)) if analysis else 0.0
 
 
+# ------------------------------------------------------------------ collectives
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16}
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+"
+                          r"(?P<op>[a-z][\w\-]*)\(")
+_ARRAY = re.compile(r"\b(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+_CALLEES = re.compile(r"\b(?:to_apply|calls|body|condition)=%?(?P<name>[\w.\-]+)")
+_BRANCHES = re.compile(r"\b(?:branch_computations=\{(?P<list>[^}]*)\}|"
+                       r"true_computation=%?(?P<true>[\w.\-]+), false_computation=%?(?P<false>[\w.\-]+))")
+
+
+def _array_bytes(shape: str) -> list[int]:
+  return [int(np.prod([int(d) for d in m["dims"].split(",") if d] or [1])) *
+          _DTYPE_BYTES.get(m["dtype"], 4) for m in _ARRAY.finditer(shape)]
+
+
+class _Path(NamedTuple):
+  ops: collections.Counter  # Collective kind -> ops.
+  bytes: int  # Bytes of their results (what each device receives).
+
+  def __add__(self, other):
+    return _Path(self.ops + other.ops, self.bytes + other.bytes)
+
+
+def collective_figures(hlo_text: str) -> dict:
+  """Collective ops of a compiled program and the bytes they move, per call.
+
+  A collective inside a conditional runs only when its branch is taken, so the figures
+  come in two paths: the fewest (every conditional takes its cheapest branch: BYOL's
+  non-logged step) and the most (the dearest branch: the logged step). Loops count once.
+
+  Args:
+    hlo_text: `compiled.as_text()` of the optimised program (a pmapped update: one
+      device's program).
+
+  Returns:
+    collectives / collective_bytes (fewest path), collectives_logged /
+    collective_bytes_logged (most path), both as {kind: ops} over COLLECTIVES, and
+    conditional_collectives: for each conditional, the collectives of each branch.
+  """
+  computations, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = computations.setdefault(header["name"], [])
+      entry = header["name"] if line.startswith("ENTRY") else entry
+    elif current is not None and _INSTRUCTION.match(line):
+      current.append(line)
+  memo, conditionals = {}, []
+  empty = _Path(collections.Counter(), 0)
+
+  def paths(name):  # -> (fewest, most)
+    if name not in memo:
+      memo[name] = (empty, empty)  # Guards against cycles.
+      fewest = most = empty
+      for line in computations.get(name, ()):
+        match = _INSTRUCTION.match(line)
+        op = match["op"].removesuffix("-start")
+        if op in COLLECTIVES:
+          sizes = _array_bytes(match["shape"])
+          # Async starts of gathers and permutes return (operand, result): the result.
+          moved = sizes[-1] if match["op"].endswith("-start") and op != "all-reduce" else sum(sizes)
+          one = _Path(collections.Counter({op: 1}), moved)
+          fewest, most = fewest + one, most + one
+          continue
+        for callee in _CALLEES.finditer(line):
+          low, high = paths(callee["name"])
+          fewest, most = fewest + low, most + high
+        branch = _BRANCHES.search(line)
+        if op == "conditional" and branch:
+          names = ([n.strip().lstrip("%") for n in branch["list"].split(",")] if branch["list"]
+                   else [branch["true"], branch["false"]])
+          options = [paths(n) for n in names]
+          conditionals.append([sum(high.ops.values()) for _, high in options])
+          fewest += min((low for low, _ in options), key=lambda p: (p.bytes, sum(p.ops.values())))
+          most += max((high for _, high in options), key=lambda p: (p.bytes, sum(p.ops.values())))
+      memo[name] = (fewest, most)
+    return memo[name]
+
+  fewest, most = paths(entry) if entry else (empty, empty)
+  counts = lambda p: {kind: p.ops.get(kind, 0) for kind in COLLECTIVES}
+  return dict(collectives=counts(fewest), collective_bytes=fewest.bytes,
+              collectives_logged=counts(most), collective_bytes_logged=most.bytes,
+              conditional_collectives=conditionals)
+
+
 def _time(fn: Callable, repeats: int) -> list[float]:
   times = []
   for _ in range(repeats):
@@ -75,7 +167,9 @@ def step_benchmark(c: ml_collections.ConfigDict, steps: int = 5, rounds: int = 3
   Returns:
     images_per_sec, step_ms, baseline_step_ms, overhead_ratio (full / baseline),
     flops_per_image (XLA cost analysis of the full step, per example of two views),
-    achieved_gflops, plus the setting (devices, batch, image size, encoder).
+    achieved_gflops, the collectives of the compiled update per step and device on a
+    non-logged and a logged step (`collective_figures`), plus the setting (devices,
+    batch, image size, encoder).
   """
   n_dev = jax.local_device_count()
   per_device = parallel.per_device_batch(c.batch_size, n_dev)
@@ -91,7 +185,8 @@ def step_benchmark(c: ml_collections.ConfigDict, steps: int = 5, rounds: int = 3
   key = jax.random.PRNGKey(c.seed + 1)
 
   update = train.make_pmapped_update(deps)
-  flops = _flops(update.lower(parallel.replicate(state), batch, key).compile())
+  compiled = update.lower(parallel.replicate(state), batch, key).compile()
+  flops = _flops(compiled)
   baseline = _encoder_baseline(c)
   base_args = parallel.replicate((_encoder_subtree(state.online_params), state.online_state,
                                   _encoder_subtree(state.target_params), state.target_state))
@@ -116,7 +211,8 @@ def step_benchmark(c: ml_collections.ConfigDict, steps: int = 5, rounds: int = 3
       step_ms=round(1e3 * step_s, 2), baseline_step_ms=round(1e3 * base_s, 2),
       overhead_ratio=round(step_s / base_s, 4),
       flops_per_image=round(flops / per_device),
-      achieved_gflops=round(flops * n_dev / step_s / 1e9, 2))
+      achieved_gflops=round(flops * n_dev / step_s / 1e9, 2),
+      **collective_figures(compiled.as_text()))
 
 
 # ------------------------------------------------------------------------ memory

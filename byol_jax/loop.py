@@ -48,9 +48,15 @@ class Guards:
   total_nonfinite: int = 0
   collapsed_steps: int = 0
   warned: bool = False
+  last_monitored: int | None = None  # The last step whose metrics held collapse_std.
 
   def check(self, step: int, metrics: dict, dim: int) -> None:
-    """Raises NonFiniteError / CollapseError, or warns, from one step's metrics."""
+    """Raises NonFiniteError / CollapseError, or warns, from one step's metrics.
+
+    The collapse monitor is computed on logged steps only: metrics without
+    'collapse_std' count towards the non-finite guard alone. A collapsed reading counts
+    for every step since the previous reading, so the patience stays in steps.
+    """
     if metrics["nonfinite"] > 0:
       self.consecutive_nonfinite += 1
       self.total_nonfinite += 1
@@ -63,8 +69,12 @@ class Guards:
             "the input data, then rerun to resume.")
       return
     self.consecutive_nonfinite = 0
+    if "collapse_std" not in metrics:
+      return
+    since = step - self.last_monitored if self.last_monitored is not None else 1
+    self.last_monitored = step
     if metrics["collapse_std"] * math.sqrt(dim) < self.collapse_threshold:
-      self.collapsed_steps += 1
+      self.collapsed_steps += max(1, since)
     else:
       self.collapsed_steps, self.warned = 0, False
     if self.collapsed_steps >= self.collapse_patience and not self.warned:
@@ -235,6 +245,9 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
     nonlocal last
     k, device_metrics = item
     values = _host_metrics(device_metrics)
+    if not train.is_monitored_step(k, c.log.every_steps, total):
+      for key in train.MONITOR_KEYS:  # Not computed on this step (NaN placeholders).
+        del values[key]
     guards.check(k, values, dim)
     if k % c.log.every_steps == 0 or k == total:
       values.update(skipped_images=source.skipped_images, nonfinite_total=guards.total_nonfinite)

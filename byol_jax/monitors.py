@@ -1,8 +1,9 @@
 """Health monitors of the projections: collapse, effective rank, online/target agreement.
 
-Computed inside the update step on every step. Statistics are over the global batch:
-per-device moments are averaged over the device axis before they are combined, so the
-figures do not depend on how the batch is split.
+Computed inside the update step, on the steps the loop logs only (train.is_monitored_step):
+the covariance's all-reduce and the eigendecomposition are not paid on other steps.
+Statistics are over the global batch: per-device moments are averaged over the device
+axis before they are combined, so the figures do not depend on how the batch is split.
 """
 import jax
 import jax.numpy as jnp

@@ -42,6 +42,9 @@ class Deps(NamedTuple):
   augment_fn: AugmentFn
   view1: Any  # Augmentation preset of view 1 (config.augment.view1).
   view2: Any
+  # The health monitors run on the steps the loop logs (`is_monitored_step`); 1 = every step.
+  monitor_every: int = 1
+  total_steps: int = 0  # The last step is always logged, so always monitored.
 
 
 def make_deps(c: ml_collections.ConfigDict, augment_fn: AugmentFn | None = None) -> Deps:
@@ -61,7 +64,21 @@ def make_deps(c: ml_collections.ConfigDict, augment_fn: AugmentFn | None = None)
   forward = networks.make_byol_network(c.model, c.dataset.num_classes,
                                        axis_name=parallel.DEVICE_AXIS, precision=c.precision)
   return Deps(forward, optimizer, lr, tau, augment_fn,
-              c.augment.view1.to_dict(), c.augment.view2.to_dict())
+              c.augment.view1.to_dict(), c.augment.view2.to_dict(),
+              monitor_every=int(c.log.every_steps), total_steps=config_lib.total_steps(c))
+
+
+# Metrics computed only on monitored steps; on the others they hold NaN (never read).
+MONITOR_KEYS = ("probe_top1", "collapse_std", "effective_rank", "online_target_cosine")
+
+
+def is_monitored_step(step, every: int, total: int):
+  """Whether the step that ends with the counter at `step` (1-based) is logged.
+
+  The one definition shared by the update (a traced int32) and the host loop (an int):
+  steps that are multiples of `every`, and the last step `total`.
+  """
+  return (step % every == 0) | (step == total)
 
 
 def init_state(c: ml_collections.ConfigDict, deps: Deps, rng: jax.Array,
@@ -144,9 +161,10 @@ def update(state: TrainState, batch: dict, rng: jax.Array, *, deps: Deps
     deps: from `make_deps`.
 
   Returns:
-    (new_state, metrics): metrics are scalars averaged over all devices. A step whose
-    loss or gradients are not finite leaves the state unchanged but for `step`
-    (metrics['nonfinite']=1).
+    (new_state, metrics): metrics are scalars averaged over all devices; MONITOR_KEYS
+    are computed on monitored steps only (`is_monitored_step`) and are NaN on the others.
+    A step whose loss or gradients are not finite leaves the state unchanged but for
+    `step` (metrics['nonfinite']=1).
   """
   per_device = batch["view1"].shape[0]
   keys = example_keys(rng, state.step, per_device)
@@ -159,30 +177,58 @@ def update(state: TrainState, batch: dict, rng: jax.Array, *, deps: Deps
       view1, view2, batch["label"], forward=deps.forward)
   grads = jax.lax.pmean(grads, parallel.DEVICE_AXIS)
 
-  updates, opt_state = deps.optimizer.update(grads, state.opt_state, state.online_params)
-  online_params = optax.apply_updates(state.online_params, updates)
-  tau = deps.tau_schedule(state.step)
-  # xi <- tau * xi + (1 - tau) * theta, with theta after this step's optimiser update.
-  target_params = optax.incremental_update(online_params, state.target_params, 1.0 - tau)
-
-  metrics = dict(
-      loss=aux["byol_loss"], probe_loss=aux["probe_loss"],
-      probe_top1=losses.topk_accuracy(aux["logits"], batch["label"], 1),
-      **monitors.projection_health(aux["online_projection"], aux["target_projection"],
-                                   parallel.DEVICE_AXIS))
-  metrics = jax.lax.pmean(metrics, parallel.DEVICE_AXIS)
+  # Every step: what the guards need (the losses and gradient norm decide `finite`).
+  metrics = jax.lax.pmean(dict(loss=aux["byol_loss"], probe_loss=aux["probe_loss"]),
+                          parallel.DEVICE_AXIS)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["probe_loss"]) & jnp.isfinite(grad_norm)
+  tau = deps.tau_schedule(state.step)
   metrics.update(grad_norm=grad_norm, learning_rate=deps.lr_schedule(state.step), tau=tau,
                  nonfinite=1.0 - finite.astype(jnp.float32))
+  metrics.update(_monitors(state.step + 1, aux, batch["label"], deps))
 
-  new_state = TrainState(state.step, online_params, online_state, target_params,
-                         target_state, opt_state)
   # A non-finite step is dropped whole; the host loop counts and stops on repeats. The
   # step counter still advances: it counts batches consumed, so the data position and
-  # checkpoints stay in step (the optimiser's own lr count does not advance).
-  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  # checkpoints stay in step (the optimiser's own lr count does not advance). A cond, not
+  # a select over every leaf: the finite step pays no extra pass over the state.
+  new_state = jax.lax.cond(
+      finite, functools.partial(_apply_gradients, deps=deps), lambda s, *_: s,
+      state, grads, online_state, target_state, tau)
   return new_state._replace(step=state.step + 1), metrics
+
+
+def _apply_gradients(state: TrainState, grads: PyTree, online_state: hk.State,
+                     target_state: hk.State, tau: jnp.ndarray, *, deps: Deps) -> TrainState:
+  """The optimiser step on the online params, then the target's EMA (a finite step)."""
+  updates, opt_state = deps.optimizer.update(grads, state.opt_state, state.online_params)
+  online_params = optax.apply_updates(state.online_params, updates)
+  # xi <- tau * xi + (1 - tau) * theta, with theta after this step's optimiser update.
+  target_params = optax.incremental_update(online_params, state.target_params, 1.0 - tau)
+  return TrainState(state.step, online_params, online_state, target_params, target_state,
+                    opt_state)
+
+
+def _monitors(step: jnp.ndarray, aux: dict, labels: jnp.ndarray, deps: Deps) -> dict:
+  """MONITOR_KEYS over the global batch on monitored steps, NaN on the others.
+
+  A cond on a predicate of the replicated step counter: every device takes the same
+  branch, so the branch's collectives (the covariance's pmean) run on logged steps only,
+  and the eigendecomposition is skipped with them. One compiled update serves both kinds
+  of step.
+  """
+  def compute(online, target, logits, labels):
+    health = monitors.projection_health(online, target, parallel.DEVICE_AXIS)
+    local = dict(probe_top1=losses.topk_accuracy(logits, labels, 1),
+                 online_target_cosine=health.pop("online_target_cosine"))
+    # collapse_std and effective_rank are already global statistics.
+    return dict(jax.lax.pmean(local, parallel.DEVICE_AXIS), **health)
+
+  def skip(*_):
+    return {k: jnp.full((), jnp.nan, jnp.float32) for k in MONITOR_KEYS}
+
+  return jax.lax.cond(is_monitored_step(step, deps.monitor_every, deps.total_steps),
+                      compute, skip, aux["online_projection"], aux["target_projection"],
+                      aux["logits"], labels)
 
 
 def make_pmapped_update(deps: Deps, devices=None

@@ -12,17 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from byol_jax import bench
 from byol_jax import config as config_lib
 from byol_jax import parallel
 from byol_jax import train
 
 GLOBAL_BATCH = 8
+# Steps 2, 4, ... (and the last, 10) are logged and compute the monitors; 1, 3, ... do not.
+LOG_EVERY = 2
 
 
 def tiny_config(**model_overrides):
   c = config_lib.base_config()
   c.batch_size, c.image_size, c.num_steps = GLOBAL_BATCH, 16, 10
   c.dataset.num_classes = 5
+  c.log.every_steps = LOG_EVERY
   c.optim.warmup_epochs = 0
   c.model.update(dict(encoder="resnet18", width=0.125, stem="small", projector_hidden=32,
                       projector_out=16, predictor_hidden=32), **model_overrides)
@@ -66,15 +70,17 @@ def setup(num_devices: int):
   return c, deps, state, update
 
 
-def run_steps(num_devices, batches):
+def run_steps(num_devices, batches, start_step=0, all_metrics=False):
+  """(final state, metrics of the last step, or of every step when all_metrics)."""
   c, deps, state, update = setup(num_devices)
   devices = jax.local_devices()[:num_devices]
-  replicated = parallel.replicate(state, devices)
-  metrics = None
+  replicated = parallel.replicate(state._replace(step=jnp.int32(start_step)), devices)
+  history = []
   for b in batches:
     replicated, metrics = update(replicated, parallel.shard(parallel.split_for_devices(b, num_devices), devices),
                                  jax.random.PRNGKey(1))
-  return parallel.unreplicate(replicated), parallel.unreplicate(metrics)
+    history.append(parallel.unreplicate(metrics))
+  return parallel.unreplicate(replicated), (history if all_metrics else history[-1])
 
 
 def test_target_is_the_ema_of_the_updated_online_params():
@@ -136,7 +142,8 @@ def test_four_devices_and_one_device_give_the_same_new_state():
 
 
 def test_metrics_are_reported_and_healthy_at_init():
-  _, metrics = run_steps(1, [host_batch()])
+  # Counter at 1: this step ends at 2, a logged step, so the monitors are computed.
+  _, metrics = run_steps(1, [host_batch()], start_step=LOG_EVERY - 1)
   expected = {"loss", "probe_loss", "probe_top1", "learning_rate", "tau", "grad_norm",
               "collapse_std", "effective_rank", "online_target_cosine", "nonfinite"}
   assert expected <= set(metrics)
@@ -145,6 +152,22 @@ def test_metrics_are_reported_and_healthy_at_init():
   assert float(metrics["collapse_std"]) > 0.3 / np.sqrt(16)
   # Copy-initialised target: online and target projections agree at step 0.
   np.testing.assert_allclose(metrics["online_target_cosine"], 1.0, atol=1e-4)
+
+
+def test_monitors_are_computed_on_logged_steps_only():
+  _, history = run_steps(4, [host_batch(0), host_batch(1)], all_metrics=True)
+  skipped, logged = history
+  for key in train.MONITOR_KEYS:
+    assert np.isnan(skipped[key]), key
+    assert np.isfinite(logged[key]), key
+  for metrics in history:  # What the guards need is there on every step.
+    assert np.isfinite(metrics["loss"]) and float(metrics["nonfinite"]) == 0.0
+
+
+@pytest.mark.parametrize("step, logged", [(1, False), (2, True), (9, False), (10, True)])
+def test_logged_steps_are_multiples_of_log_every_and_the_last(step, logged):
+  assert bool(train.is_monitored_step(step, LOG_EVERY, 10)) == logged
+  assert bool(train.is_monitored_step(jnp.int32(step), LOG_EVERY, 10)) == logged
 
 
 def test_a_non_finite_batch_leaves_the_state_unchanged_but_the_step():
@@ -186,3 +209,51 @@ def test_without_predictor_the_update_traces_and_has_no_predictor_params():
                in_axes=(0, 0, None)),
       jax.tree_util.tree_map(lambda x: x[None], state), b, jax.random.PRNGKey(0))
   assert metrics["loss"].shape == (1,)
+
+
+def _float32_bytes(tree):
+  return sum(4 * int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_collectives_per_step_are_gradients_batch_norm_and_guard_losses():
+  """Pins the all-reduces of the compiled update on 4 devices to what BYOL must exchange.
+
+  Per non-logged step, bytes received per device (float32):
+  - the gradient pmean: every online parameter once;
+  - cross-replica batch norm: each BN layer's batch mean and mean of squares ([C] each)
+    in each of the 4 forwards (online and target, both views), and again in the online
+    forwards' 2 backward passes (a pmean's transpose is a pmean): 6 x 2C per layer;
+  - the losses the non-finite guard reads (2 scalars);
+  - less what XLA merges: a projection shortcut's BN offset gradient is the same sum as
+    its block's last BN offset gradient (one cotangent reaches both through the residual
+    add), so it is reduced once.
+  A logged step adds the monitors: batch mean and variance [D], covariance [D, D], probe
+  top-1 and online/target cosine. No other collective kind is needed. XLA may combine
+  all-reduces, so the op count is bounded by the sites: 1 + 6 per BN layer + 1 (+ 4).
+  """
+  c, _, state, update = setup(4)
+  devices = jax.local_devices()[:4]
+  batch = parallel.shard(parallel.split_for_devices(host_batch(), 4), devices)
+  text = update.lower(parallel.replicate(state, devices), batch, jax.random.PRNGKey(1)
+                      ).compile().as_text()
+  figures = bench.collective_figures(text)
+
+  bn_layers = {m: v["average"] for m, v in state.online_state.items() if m.endswith("mean_ema")}
+  batch_norm = 6 * 2 * _float32_bytes(list(bn_layers.values()))
+  merged = _float32_bytes([v["offset"] for m, v in state.online_params.items()
+                           if m.endswith("shortcut_batchnorm")])
+  assert merged > 0  # The tiny ResNet-18 has shortcut projections in groups 1-3.
+  expected = _float32_bytes(state.online_params) + batch_norm + 2 * 4 - merged
+  d = c.model.projector_out
+  assert figures["collective_bytes"] == expected
+  assert figures["collective_bytes_logged"] == expected + 4 * (2 * d + d * d + 2)
+  sites = 1 + 6 * len(bn_layers) + 1
+  assert 0 < figures["collectives"]["all-reduce"] <= sites
+  assert figures["collectives"]["all-reduce"] < figures["collectives_logged"]["all-reduce"] <= sites + 4
+  others = [k for k in bench.COLLECTIVES if k != "all-reduce"]
+  assert all(figures[path][k] == 0 for path in ("collectives", "collectives_logged") for k in others)
+  # Two conditionals: the monitors (collectives in the logged branch only) and the
+  # non-finite guard (none in either branch).
+  conditionals = figures["conditional_collectives"]
+  assert len(conditionals) == 2 and all(min(branches) == 0 for branches in conditionals)
+  assert sorted(max(branches) > 0 for branches in conditionals) == [False, True]
