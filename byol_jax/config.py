@@ -158,6 +158,9 @@ def base_config() -> ml_collections.ConfigDict:
       collapse_patience=100,  # ...for this many steps in a row: a loud warning.
       stop_on_collapse=False,  # True: stop the job instead of only warning.
   ))
+  # A jax.profiler trace of steps (first, last), inclusive and counted from 1, into
+  # workdir/profile/ for TensorBoard's profile plugin, e.g. (100, 110); () = off.
+  c.profile = ml_collections.ConfigDict(dict(steps=()))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log = ml_collections.ConfigDict(dict(every_steps=100))
   c.eval = ml_collections.ConfigDict(dict(every_steps=5000))
@@ -239,6 +242,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _positive(_get(c, field), field, allow_zero=True)
   if c.num_steps == 0 and c.num_epochs == 0:
     raise ValueError("config.num_steps and config.num_epochs are both 0: set one of them.")
+  steps = tuple(c.profile.steps)
+  if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps) and
+                    1 <= steps[0] <= steps[1]):
+    raise ValueError(f"config.profile.steps={steps!r} must be () (off) or (first, last) with "
+                     "1 <= first <= last, e.g. '(100, 110)'.")
   _probability(c.target.tau_base, "target.tau_base")
   _probability(c.optim.momentum, "optim.momentum")
   for view in ("view1", "view2"):

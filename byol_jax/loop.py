@@ -7,7 +7,10 @@ never waits on the device except to log, evaluate or checkpoint.
 import dataclasses
 import json
 import math
+import os
+import shutil
 import signal
+import tempfile
 import threading
 from typing import Any, Callable
 
@@ -102,6 +105,54 @@ class StopSignal:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+PROFILE_DIR = "profile"  # Under the workdir; TensorBoard's profile plugin reads it.
+
+
+class Profiler:
+  """A jax.profiler trace of the steps `first`..`last` (inclusive) into workdir/profile/.
+
+  jax.profiler writes local files only, so the trace is written to a local temporary
+  directory and copied into the workdir (any URL files.py supports) when it stops. A run
+  resumed past `first` starts the trace at its first step still within the window.
+  """
+
+  def __init__(self, workdir: str, steps):
+    self.workdir = workdir
+    self.first, self.last = tuple(steps) if steps else (0, -1)  # Empty: never traces.
+    self._local, self._started, self._done = None, 0, False
+
+  def __enter__(self):
+    return self
+
+  def before(self, step: int) -> None:
+    """Starts the trace when `step` (the step about to run) is in the window."""
+    if not self._done and self._local is None and self.first <= step <= self.last:
+      self._local, self._started = tempfile.mkdtemp(prefix="byol_jax_profile_"), step
+      jax.profiler.start_trace(self._local)
+
+  def after(self, step: int, outputs: Any) -> None:
+    """Stops the trace once step `last` (just dispatched) has finished on the device."""
+    if self._local is not None and step >= self.last:
+      jax.block_until_ready(outputs)  # Steps run asynchronously: wait for their device work.
+      self._stop(step)
+
+  def _stop(self, step: int) -> None:
+    jax.profiler.stop_trace()
+    local, self._local, self._done = self._local, None, True
+    for root, _, names in os.walk(local):
+      for name in names:
+        relative = os.path.relpath(os.path.join(root, name), local).split(os.sep)
+        with open(os.path.join(root, name), "rb") as f:
+          files.write_bytes_atomic(files.join(self.workdir, PROFILE_DIR, *relative), f.read())
+    shutil.rmtree(local, ignore_errors=True)
+    logging.info("profile of steps %d-%d written to %s", self._started, step,
+                 files.join(self.workdir, PROFILE_DIR))
+
+  def __exit__(self, *exc):
+    if self._local is not None:  # The run stopped inside the window: keep what was traced.
+      self._stop(self.last)
 
 
 def _host_metrics(metrics: Any) -> dict:
@@ -254,11 +305,13 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
       writer.write(k, values)
     last = values
 
-  with StopSignal() as stop:
+  with StopSignal() as stop, Profiler(workdir, c.profile.steps) as profiler:
     try:
       while step < total and not stop.event.is_set():
+        profiler.before(step + 1)
         state, metrics = update(state, next(batches), aug_key)
         step += 1
+        profiler.after(step, state)
         if pending is not None:
           consume(pending)
         pending = (step, metrics)
