@@ -92,8 +92,22 @@ def split_for_devices(tree: PyTree, num_devices: int | None = None) -> PyTree:
 
 
 def unreplicate(tree: PyTree) -> PyTree:
-  """Takes device 0's copy of a replicated tree (as host NumPy-backed jax arrays)."""
-  return jax.tree_util.tree_map(lambda x: x[0], tree)
+  """Takes the first local device's copy of a replicated tree, leaves on that device alone.
+
+  Reads that device's shard: indexing the sharded array (x[0]) would run, per leaf, a
+  program on every device with a cross-device all-reduce, which XLA's CPU client runs on
+  a thread pool only as large as the device count on small machines; it aborts the
+  process when a participant has not arrived after 40 s (seen on 2-core hosts under load:
+  "Termination timeout ... all reduce ... only 3 of them arrived on time").
+  """
+  def first(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+      for shard in x.addressable_shards:
+        if (shard.index[0].start or 0) == 0:  # The shard holding row 0.
+          return shard.data[0]
+    return x[0]
+
+  return jax.tree_util.tree_map(first, tree)
 
 
 def global_example_index(per_device: int) -> jnp.ndarray:

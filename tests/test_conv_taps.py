@@ -2,6 +2,13 @@
 
 References: jax.lax.conv_general_dilated and reduce_window (conv_impl='lax'), on the same
 inputs and parameters, values and gradients; ties in the max-pool included.
+
+Tolerances come from the computation, never from what one machine measured. One
+convolution: the worst-case rounding bound of a float32 sum of n products (each result
+within gamma_n * sum|terms| of the exact one, in any summation order), so two orders
+differ by at most twice that. The whole encoder (batch statistics, divisions, square
+roots): a float64 evaluation is the reference, and taps' float32 error must stay within
+what a float32 computation of it can err, measured on XLA's own convolutions.
 """
 import jax
 import jax.numpy as jnp
@@ -15,20 +22,26 @@ from byol_jax import run_config
 
 KEY = jax.random.PRNGKey(0)
 SYMMETRIC = "symmetric"
+UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2  # u = 2**-24: |fl(a op b) - a op b| <= u|.|
 
 
 def _padding(name, kernel):
   return layers_lib.PADDINGS["symmetric" if name == SYMMETRIC else "same"](kernel)
 
 
-def _value_and_grads(conv_fn, x, w, stride, padding):
-  # A fixed random cotangent, so every output element's gradient path is checked.
-  def loss(x, w):
-    out = conv_fn(x, w, stride, padding)
-    probe = jax.random.normal(jax.random.PRNGKey(7), out.shape)
-    return jnp.sum(out * probe), out
-  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
-  return out, grads
+def _gamma(n):
+  """Higham's gamma_n = n u / (1 - n u): relative bound of n float32 roundings in a row."""
+  return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
+
+
+def _float64(tree):
+  return jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
+
+
+def _value_and_grads(conv_fn, x, w, probe, stride, padding):
+  """conv(x, w) and the gradients of sum(conv(x, w) * probe) w.r.t. x and w."""
+  out, vjp = jax.vjp(lambda x, w: conv_fn(x, w, stride, padding), x, w)
+  return (out, *vjp(probe))
 
 
 @pytest.mark.parametrize("size,kernel,stride,padding", [
@@ -40,12 +53,30 @@ def test_conv_taps_matches_xla_conv_values_and_gradients(size, kernel, stride, p
   x = jax.random.normal(KEY, (3, size, size, 5))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 4))
   pad = _padding(padding, kernel)
-  want, want_grads = _value_and_grads(layers_lib.conv_lax, x, w, stride, pad)
-  got, got_grads = _value_and_grads(layers_lib.conv_taps, x, w, stride, pad)
-  assert got.shape == want.shape
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-  for g, e in zip(got_grads, want_grads):
-    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
+  # A fixed random cotangent, so every output element's gradient path is checked.
+  out_shape = layers_lib.conv_lax(x, w, stride, pad).shape
+  probe = jax.random.normal(jax.random.PRNGKey(7), out_shape)
+  want = _value_and_grads(layers_lib.conv_lax, x, w, probe, stride, pad)
+  got = _value_and_grads(layers_lib.conv_taps, x, w, probe, stride, pad)
+  # Each element of the output and of both gradients is a sum of products of two of
+  # (x, w, probe); the same sums of |products| (exactly, in float64) times gamma_n bound
+  # each float32 result's rounding error. n, the most roundings a product goes through:
+  # its own, then the sum over kernel*kernel*C_in (output), over kernel*kernel*C_out
+  # (gradient of x; taps sums C_out, then adds the kernel*kernel taps: fewer) or over
+  # N*H'*W' (gradient of w).
+  with jax.enable_x64(True):
+    magnitude = _value_and_grads(layers_lib.conv_lax, *_float64((jnp.abs(x), jnp.abs(w),
+                                                                 jnp.abs(probe))), stride, pad)
+  n_terms = (kernel * kernel * x.shape[-1], kernel * kernel * w.shape[-1],
+             out_shape[0] * out_shape[1] * out_shape[2])
+  for name, g, e, m, n in zip(("output", "grad x", "grad w"), got, want, magnitude, n_terms):
+    assert g.shape == e.shape, name
+    error = np.abs(np.asarray(g, np.float64) - np.asarray(e, np.float64))
+    bound = 2 * _gamma(n) * np.asarray(m)
+    worst = tuple(int(i) for i in np.unravel_index(np.argmax(error - bound), error.shape))
+    assert np.all(error <= bound), (
+        f"{name}: |taps - lax| = {error[worst]:.3g} at {worst} exceeds the rounding "
+        f"bound {bound[worst]:.3g} (n={n})")
 
 
 @pytest.mark.parametrize("size,padding", [(7, "same"), (8, "same"), (8, SYMMETRIC),
@@ -73,34 +104,81 @@ def test_max_pool_taps_propagates_nan():
   assert bool(jnp.any(jnp.isnan(got)))
 
 
-@pytest.mark.parametrize("norm,padding", [("batch", "same"), ("group_ws", SYMMETRIC)])
-def test_encoder_with_taps_matches_lax_encoder(norm, padding):
-  """Same params, same batch: the ResNet-18 representation, BN state and gradients agree."""
-  def model(impl):
-    c = config_lib.base_config().model
-    c.update(dict(encoder="resnet18", width=0.0625, stem="imagenet", norm=norm,
-                  padding=padding, conv_impl=impl))
-    return networks.make_encoder_network(c)
+# The encoder case: 4 images of 36 px, so the last stage's maps are 2x2 and group norm
+# (one channel per group at this width) has values to normalise; at 1x1 every
+# representation and gradient of the group-norm encoder is exactly 0.
+ENCODER_IMAGES = (4, 36, 36, 1)
+# XLA's float32 error is measured on this many batch orders (the same function, its batch
+# sums taken in other orders): one order alone can be luckily accurate.
+ENCODER_ORDERS = 4
+ENCODER_FLOOR_ULPS = 4
 
-  images = jax.random.uniform(KEY, (4, 20, 20, 1))
-  params, state = model("lax").init(KEY, images, is_training=True)
 
-  def run(impl):
-    net = model(impl)
+def _encoder_value_and_grads(impl, norm, padding):
+  c = config_lib.base_config().model
+  c.update(dict(encoder="resnet18", width=0.0625, stem="imagenet", norm=norm,
+                padding=padding, conv_impl=impl))
+  net = networks.make_encoder_network(c)
 
+  @jax.jit
+  def run(params, state, images):
     def loss(p):
       rep, new_state = net.apply(p, state, None, images, is_training=True)
       return jnp.sum(jnp.square(rep)), (rep, new_state)
     (_, (rep, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return rep, new_state, grads
+  return net, run
 
-  want, got = run("lax"), run("taps")
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  # Rounding differences grow through 8 batch-normed layers; measured against each array's
-  # own scale (a wrong tap or kernel layout gives errors of order 1 on that scale).
-  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    scale = float(np.max(np.abs(e))) + 1e-12
-    assert float(np.max(np.abs(g - e))) <= 1e-4 * scale
+
+def _relative_errors(tree, exact):
+  """Per array: max |tree - exact| over the exact array's own scale (max |exact|)."""
+  return jax.tree.map(lambda a, e: float(np.max(np.abs(np.asarray(a, np.float64) - e)) /
+                                         np.max(np.abs(e))), tree, exact)
+
+
+@pytest.mark.parametrize("norm,padding", [("batch", "same"), ("group_ws", SYMMETRIC)])
+def test_encoder_with_taps_matches_lax_encoder(norm, padding):
+  """Same params, same batch: the ResNet-18 representation, BN state and gradients agree.
+
+  A float64 evaluation is the reference (its few float32 steps, weight standardisation
+  and the final cast, are single roundings, small next to the float32 runs' errors and
+  counted alike in XLA's and taps'). Rounding errors grow through 8 normalised
+  layers and their gradients, more or less for every array, so the float32 error level of
+  this computation is measured: the largest relative error XLA's own convolutions make
+  over all arrays (and several batch orders). taps' relative error on every array may
+  exceed it by sqrt(n) for the longest float32 sum n of the network, plus a few ulps: the
+  typical error of a sum taken in sequence is up to sqrt(n) times that of a blocked or
+  pairwise one (the gradient of the stem's kernel and its batch statistics sum
+  N x H/2 x W/2 terms). A wrong tap, kernel layout or padding gives errors of order 1 on
+  an array's scale.
+  """
+  net, lax_run = _encoder_value_and_grads("lax", norm, padding)
+  _, taps_run = _encoder_value_and_grads("taps", norm, padding)
+  images = jax.random.uniform(KEY, ENCODER_IMAGES)
+  params, state = net.init(KEY, images, is_training=True)
+  with jax.enable_x64(True):
+    exact = jax.tree.map(np.asarray, lax_run(*_float64((params, state, images))))
+  zeros = [jax.tree_util.keystr(p) for p, e in jax.tree_util.tree_leaves_with_path(exact)
+           if not np.any(e)]
+  assert not zeros, f"all-zero arrays compare nothing: {zeros}"
+
+  lax_level = 0.0
+  for shift in range(ENCODER_ORDERS):
+    order = np.roll(np.arange(images.shape[0]), shift)
+    rep, new_state, grads = lax_run(params, state, images[order])
+    result = (np.asarray(rep)[np.argsort(order)], new_state, grads)  # Back in batch order.
+    lax_level = max(lax_level, *jax.tree.leaves(_relative_errors(result, exact)))
+  n, height, width, _ = ENCODER_IMAGES
+  factor = np.sqrt(n * (height // 2) * (width // 2))
+  tolerance = factor * lax_level + ENCODER_FLOOR_ULPS * 2 * UNIT_ROUNDOFF
+
+  got = taps_run(params, state, images)
+  assert jax.tree.structure(got) == jax.tree.structure(exact)
+  errors = _relative_errors(got, exact)
+  too_far = {jax.tree_util.keystr(p): f"{e:.3g}"
+             for p, e in jax.tree_util.tree_leaves_with_path(errors) if e > tolerance}
+  assert not too_far, (f"taps' relative errors exceed {tolerance:.3g} ({factor:.0f} x XLA's "
+                       f"{lax_level:.3g}): {too_far}")
 
 
 def test_unknown_conv_impl_is_rejected_naming_the_field():

@@ -54,6 +54,19 @@ def restore_final(workdir, c):
   return step, parallel.unreplicate(state)
 
 
+def test_unreplicate_reads_the_first_devices_copy_with_no_cross_device_program():
+  # x[0] on a pmap-sharded array runs an all-reduce over every device; a run of those on
+  # a 2-core host aborted a test worker in restore_final (XLA's 40 s rendezvous timeout).
+  tree = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "step": np.int32(7)}
+  rows = {"x": np.arange(2 * jax.local_device_count(), dtype=np.float32).reshape(-1, 2)}
+  got = parallel.unreplicate(parallel.replicate(tree))
+  first_row = parallel.unreplicate(parallel.shard(rows))
+  for leaf, want in [(got["w"], tree["w"]), (got["step"], tree["step"]),
+                     (first_row["x"], rows["x"][0])]:
+    assert leaf.sharding.device_set == {jax.local_devices()[0]}
+    np.testing.assert_array_equal(leaf, want)
+
+
 def test_pretrain_logs_checkpoints_evaluates_and_resumes(data_dir, tmp_path):
   c = smoke_config(data_dir, **{"knn.every_steps": 2, "knn.k": 5})
   result = loop.pretrain(c, str(tmp_path), print_fn=lambda line: None)
