@@ -377,8 +377,10 @@ def test_cross_replica_batchnorm_matches_one_device_on_the_whole_batch():
   out_p, state_p = apply(params, state, x.reshape(n_dev, 2, *x.shape[1:]))
   chex.assert_trees_all_close(jax.tree.map(lambda a: a.reshape(8, -1), out_p), out,
                               atol=1e-5)
+  # On the host: indexing the sharded outputs (a[d]) would run a cross-device program.
+  state_host = jax.tree.map(np.asarray, state_p)
   for d in range(n_dev):
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[d], state_p), new_state, atol=1e-5)
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[d], state_host), new_state, atol=1e-5)
   # Statistics of one device's 2 examples alone give visibly different outputs.
   local, _ = single.apply(params, state, None, x[:2], True)
   assert np.max(np.abs(local["projection"] - out["projection"][:2])) > 1e-2
