@@ -262,12 +262,12 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate(c)
   files.check_url(workdir)  # An unsupported scheme stops here, before anything is written.
+  parallel.per_device_batch(c.batch_size)  # Config alone: before reading the data set.
   # Sizes and classes from the data, every split checked, before anything is written: the
   # resolved numbers drive the schedules, go to config.json and meet the resume guard.
   c = sources.resolve_dataset(c, reads=("eval", "knn") if c.knn.every_steps else ("eval",))
   _agree_on_config(c)  # Before any work, and before the Checkpointer writes config.json.
   total = config_lib.total_steps(c)
-  parallel.per_device_batch(c.batch_size)  # Fails early with both numbers.
   deps = train.make_deps(c)
   init_key, aug_key = jax.random.split(jax.random.PRNGKey(c.seed))
   fresh = train.init_state(c, deps, init_key, data.num_channels(c))

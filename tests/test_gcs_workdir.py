@@ -37,7 +37,9 @@ pytestmark = pytest.mark.xdist_group("gcs")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "configs" / "byol_fashion_mnist.py")
-STEPS, EVERY = 8, 4
+# The manifest of step k appears once orbax has finished it, at the latest when the save of
+# step k + EVERY starts: the run must go on long enough after that to be killed mid-way.
+STEPS, EVERY = 40, 4
 
 
 @pytest.fixture(scope="module")
