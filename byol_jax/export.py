@@ -3,8 +3,8 @@
 `export(source, out, fmt)` writes the online encoder of anything `pretrained.load` reads (a
 pretraining workdir, an authors' release .pkl, or a byol_jax export to convert) as one
 safetensors file in one of export_formats.FORMATS ('byol_jax' or 'torchvision'; layouts
-in export_formats.py), written to a temporary name and renamed, so `out` is never half a
-file. `load_encoder(path)` turns an export (or anything else `pretrained.load` reads) into
+in export_formats.py), written whole or not at all (files.write_bytes_atomic: a renamed
+temporary file locally, one upload on gs://), so `out` is never half a file. `load_encoder(path)` turns an export (or anything else `pretrained.load` reads) into
 an `Encoder`, a function of images.
 
 Names: `out` is used as given, with or without an extension. Files are recognised by
