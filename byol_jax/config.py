@@ -91,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
       resnet_v2=False,
       stem="imagenet",
       norm="batch",
+      # The norm of the projector's and predictor's hidden layer; '' = model.norm's.
+      head_norm="",
       bn_decay=0.9,
       bn_eps=1e-5,
       gn_groups=32,
@@ -226,6 +228,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(c.model.encoder, "model.encoder", ENCODERS)
   _choice(c.model.stem, "model.stem", STEMS)
   _choice(c.model.norm, "model.norm", NORMS)
+  _choice(c.model.head_norm, "model.head_norm", ("",) + NORMS)
   _choice(c.model.padding, "model.padding", PADDINGS)
   _choice(c.model.conv_impl, "model.conv_impl", CONV_IMPLS)
   _choice(c.precision, "precision", PRECISIONS)

@@ -178,7 +178,9 @@ class Layers:
   """Makes the convolutions and normalisations of one network from the model config.
 
   Attributes mirror config.model fields; `axis_name` is the pmapped device axis that
-  batch norm reduces its statistics over (None outside pmap).
+  batch norm reduces its statistics over (None outside pmap). `remat_norms`: recompute
+  each norm in the backward pass from its input instead of keeping its float32
+  intermediates (set for bfloat16 compute; see `norm_layer`).
   """
   norm: str = "batch"
   padding: str = "same"
@@ -187,6 +189,7 @@ class Layers:
   gn_groups: int = 32
   conv_impl: str = "lax"
   axis_name: str | None = None
+  remat_norms: bool = False
 
   @property
   def has_norm(self) -> bool:
@@ -209,7 +212,15 @@ class Layers:
     name = None
     if role is not None and kind.prefix is not None:
       name = f"{kind.prefix}_{role}" if role.isdigit() else f"{role}_{kind.prefix}"
-    return kind.make(self, name, channels, jnp.zeros if zero_scale else None)
+    norm = kind.make(self, name, channels, jnp.zeros if zero_scale else None)
+    if not (self.remat_norms and kind.prefix is not None):
+      return norm
+    # Under bfloat16 compute the norms compute in float32 (networks.PRECISIONS), and
+    # autodiff would keep their float32 copies of the input and of the normalised values
+    # for the backward pass: more activation memory than float32 training itself. Under
+    # remat only the bf16 input is kept and the elementwise norm is recomputed; the
+    # values are the same.
+    return lambda x, is_training: hk.remat(lambda y: norm(y, is_training))(x)
 
 
 def _batch_norm(layers: Layers, name, channels, scale_init) -> NormFn:

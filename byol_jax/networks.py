@@ -7,6 +7,7 @@ parameters and batch-norm statistics are plain pytrees. The PRECISIONS registry 
 by config's names.
 """
 import contextlib
+import dataclasses
 
 import haiku as hk
 import jax
@@ -61,7 +62,8 @@ def _check_width(width: float) -> None:
     raise ValueError(f"config.model.width={width!r} must be > 0 (e.g. 1, 2, 0.125).")
 
 
-def _layers_from_config(model_cfg: ml_collections.ConfigDict, axis_name) -> layers_lib.Layers:
+def _layers_from_config(model_cfg: ml_collections.ConfigDict, axis_name,
+                        precision: str = "float32") -> layers_lib.Layers:
   layers_lib.lookup(layers_lib.NORMS, model_cfg.norm, "model.norm")
   layers_lib.lookup(layers_lib.PADDINGS, model_cfg.padding, "model.padding")
   layers_lib.lookup(layers_lib.CONV_IMPLS, model_cfg.conv_impl, "model.conv_impl")
@@ -70,7 +72,15 @@ def _layers_from_config(model_cfg: ml_collections.ConfigDict, axis_name) -> laye
   return layers_lib.Layers(norm=model_cfg.norm, padding=model_cfg.padding,
                            bn_decay=model_cfg.bn_decay, bn_eps=model_cfg.bn_eps,
                            gn_groups=model_cfg.gn_groups, conv_impl=model_cfg.conv_impl,
-                           axis_name=axis_name)
+                           axis_name=axis_name, remat_norms=precision == "bfloat16")
+
+
+def head_norm_layers(model_cfg: ml_collections.ConfigDict,
+                     layers: layers_lib.Layers) -> layers_lib.Layers:
+  """The Layers of the MLP heads: model.head_norm's norm, or the encoder's when ''."""
+  name = model_cfg.get("head_norm", "") or layers.norm  # Configs from before the field: ''.
+  layers_lib.lookup(layers_lib.NORMS, name, "model.head_norm")
+  return dataclasses.replace(layers, norm=name)
 
 
 def _encoder_builder(model_cfg: ml_collections.ConfigDict, layers: layers_lib.Layers):
@@ -135,7 +145,7 @@ def make_encoder_network(model_cfg: ml_collections.ConfigDict, axis_name: str | 
     is_training) -> (representation [N, D] float32, new_state).
   """
   policies = layers_lib.lookup(PRECISIONS, precision, "precision")
-  build_encoder = _encoder_builder(model_cfg, _layers_from_config(model_cfg, axis_name))
+  build_encoder = _encoder_builder(model_cfg, _layers_from_config(model_cfg, axis_name, precision))
 
   def forward(images, is_training):
     is_training = _training_at_init(is_training)
@@ -167,18 +177,20 @@ def make_byol_network(model_cfg: ml_collections.ConfigDict, num_classes: int,
   if not (isinstance(num_classes, (int, np.integer)) and num_classes > 0):
     raise ValueError(f"num_classes={num_classes!r} must be a positive integer.")
   policies = layers_lib.lookup(PRECISIONS, precision, "precision")
-  layers = _layers_from_config(model_cfg, axis_name)
+  layers = _layers_from_config(model_cfg, axis_name, precision)
   build_encoder = _encoder_builder(model_cfg, layers)
+  head_layers = head_norm_layers(model_cfg, layers)
   m = model_cfg
 
   def forward(images, is_training):
     is_training = _training_at_init(is_training)
     with _precision_scope(policies):
       y = build_encoder()(_network_input(m, images), is_training)
-      z = MLP(m.projector_hidden, m.projector_out, layers, name="projector")(y, is_training)
+      z = MLP(m.projector_hidden, m.projector_out, head_layers, name="projector")(y, is_training)
       p = z
       if m.use_predictor:
-        p = MLP(m.predictor_hidden, m.projector_out, layers, name="predictor")(z, is_training)
+        p = MLP(m.predictor_hidden, m.projector_out, head_layers, name="predictor")(z,
+                                                                                  is_training)
       # The online probe learns from labels without shaping the representation.
       logits = hk.Linear(num_classes, name="classifier")(jax.lax.stop_gradient(y))
     outputs = dict(representation=y, projection=z, prediction=p, logits=logits)
