@@ -44,8 +44,10 @@ flags.DEFINE_integer("bench_steps", 5, "bench: timed steps per round.")
 flags.DEFINE_integer("bench_rounds", 3, "bench: alternating timing rounds.")
 flags.DEFINE_integer("channels", 3, "Image channels for benchmarks on synthetic data.")
 flags.DEFINE_string("pretrained", None, "linear-eval/knn/finetune: a pretraining workdir, a "
-                    "byol_jax export (.safetensors), an authors' release checkpoint (.pkl), or "
-                    "'random' (the recipe's encoder with random weights: the baseline).")
+                    "byol_jax export (.safetensors), an authors' release checkpoint (.pkl), "
+                    "'random' (the recipe's encoder with random weights: the baseline), or, "
+                    "for linear-eval and knn only, 'pixels' (the standardised raw pixels: the "
+                    "no-encoder baseline).")
 flags.DEFINE_string("from_release", None, "export: an authors' release checkpoint (.pkl) "
                     "to convert instead of --workdir.")
 flags.DEFINE_enum("format", "byol_jax", ["byol_jax", "torchvision"],
@@ -74,8 +76,10 @@ commands:
                                        largest per-device batch that fits (one JSON line)
   linear-eval --config=FILE --pretrained=PATH --workdir=DIR
                                        linear protocol on the frozen encoder -> DIR/results.json
-                                       (--pretrained=random: the random-encoder baseline)
+                                       (--pretrained=random: the random-encoder baseline;
+                                       --pretrained=pixels: the standardised raw pixels)
   knn --config=FILE --pretrained=PATH --workdir=DIR   kNN (k=20, cosine) -> DIR/knn.json
+                                       (--pretrained=random or pixels: the same baselines)
   finetune --config=FILE --pretrained=PATH --workdir=DIR [--config.finetune.label_fraction=0.1]
                                        semi-supervised fine-tuning on a labelled subset
   export (--workdir=DIR | --from_release=FILE.pkl) --out=PATH [--format=byol_jax|torchvision]
@@ -213,12 +217,17 @@ def _bench(args: list[str]) -> None:
   print(json.dumps(figures))
 
 
+# The --pretrained words that are no path (pretrained.RANDOM, baselines.PIXELS; not imported
+# here: the command starts without jax).
+_BASELINES = ("random", "pixels")
+
+
 def _check_urls() -> None:
   """Refuses a path flag whose URL scheme no filesystem here handles, before any work."""
   from byol_jax import files
   for name in ("workdir", "out", "from_release", "pretrained"):
     value = getattr(FLAGS, name)
-    if value and value != "random":
+    if value and not (name == "pretrained" and value in _BASELINES):
       try:
         files.check_url(value)
       except ValueError as e:

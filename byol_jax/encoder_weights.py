@@ -13,11 +13,14 @@ import ml_collections
 from byol_jax import config as config_lib
 
 ENCODER_PREFIX = "encoder/"  # Top-level module of the encoder in every byol_jax network.
-SOURCES = ("workdir", "byol_jax", "release", "random")
+# "random" and "pixels" are the baselines of pretrained.resolve; "pixels" is no encoder
+# (its params are pixel statistics, baselines.feature_network builds its features).
+SOURCES = ("workdir", "byol_jax", "release", "random", "pixels")
 
 
 class Pretrained(NamedTuple):
-  """A pretrained encoder, ready for `networks.make_encoder_network(model).apply`."""
+  """A pretrained encoder, ready for `networks.make_encoder_network(model).apply` (or the
+  pixels baseline, source 'pixels': `baselines.feature_network` builds its features)."""
   model: ml_collections.ConfigDict  # The `model` section it was trained with.
   params: hk.Params  # Encoder only, host NumPy arrays, 'encoder/~/...' module names.
   state: hk.State  # Encoder batch-norm moving statistics, same naming.

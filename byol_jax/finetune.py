@@ -23,6 +23,7 @@ metrics.jsonl and TensorBoard events of the training loss.
 import functools
 import json
 import math
+import os
 import time
 from typing import Callable, NamedTuple
 
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 
 from byol_jax import augment
+from byol_jax import baselines
 from byol_jax import config as config_lib
 from byol_jax import data
 from byol_jax import files
@@ -257,6 +259,14 @@ def evaluate(deps: Deps, state: FinetuneState, batches) -> dict:
 # ------------------------------------------------------------------------ the job
 
 
+def check_has_encoder(pretrained) -> None:
+  """Refuses the pixels baseline (the word or its Pretrained): there is nothing to fine-tune."""
+  word = os.fspath(pretrained) if isinstance(pretrained, (str, os.PathLike)) else None
+  if baselines.PIXELS in (word, getattr(pretrained, "source", None)):
+    raise ValueError("fine-tuning needs an encoder; pixels is a baseline for linear-eval and knn "
+                     "only; use --pretrained=random for the random-encoder baseline.")
+
+
 def check_compatible(c: ml_collections.ConfigDict, pretrained, channels: int) -> None:
   """Raises ValueError unless the config's images match what the encoder was trained on."""
   if int(pretrained.image_size) != int(c.image_size) or int(pretrained.channels) != channels:
@@ -303,6 +313,7 @@ def _train(c, deps: Deps, state: FinetuneState, batches, total: int,
 def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
              print_fn: Callable[[str], None] | None = None, pretrained_path: str = "") -> dict:
   """Fine-tunes `pretrained` (a pretrained.Pretrained) as config `c` says; see `run`."""
+  check_has_encoder(pretrained)
   say = print_fn or (lambda line: print(line, flush=True))
   start = time.monotonic()
   c = ml_collections.ConfigDict(c.to_dict())  # Unlocked copy; the encoder owns `model`.
@@ -362,7 +373,8 @@ def run(c: ml_collections.ConfigDict, pretrained: str, workdir: str,
     c: the recipe config (dataset.*, image_size, finetune.*, seed, log.*, precision); its
       `model` section is replaced by the pretrained encoder's.
     pretrained: a pretraining workdir, a byol_jax export or an authors' release .pkl
-      (anything `pretrained.load` reads), or 'random' (`pretrained.random_init`).
+      (anything `pretrained.load` reads), or 'random' (`pretrained.random_init`); not
+      'pixels', the raw-pixel baseline of linear-eval and knn, which has no encoder.
     workdir: where results.json, subset.txt, metrics.jsonl and TensorBoard events go.
     print_fn: console output (default print).
 
@@ -373,8 +385,10 @@ def run(c: ml_collections.ConfigDict, pretrained: str, workdir: str,
     config, ...
 
   Raises:
-    ValueError: bad fraction or subset file, or images that do not match the encoder's.
+    ValueError: bad fraction or subset file, images that do not match the encoder's, or
+      pretrained='pixels' (refused before anything is read).
     FileNotFoundError: the pretrained path or subset file does not exist.
   """
+  check_has_encoder(pretrained)
   from byol_jax import pretrained as pretrained_lib  # Local: it pulls in the checkpoint stack.
   return finetune(c, pretrained_lib.resolve(c, pretrained), workdir, print_fn, pretrained)

@@ -11,6 +11,8 @@ train split and reported on dataset.eval_split.
                            classifier trains on them (fast; no augmentation).
 Validation and test features never change (frozen encoder, centre crop), so both modes
 extract them once. Results go to results.json (knn.json for kNN), written atomically.
+The features come from `baselines.feature_network`: the encoder, or for the baseline
+`--pretrained=pixels` the standardised raw pixels, through the same code path.
 """
 import functools
 import os
@@ -24,12 +26,12 @@ import numpy as np
 import optax
 
 from byol_jax import augment
+from byol_jax import baselines
 from byol_jax import config as config_lib
 from byol_jax import data
 from byol_jax import evaluate
 from byol_jax import files
 from byol_jax import losses
-from byol_jax import networks
 from byol_jax import parallel
 from byol_jax import pretrained as pretrained_lib
 from byol_jax import sources
@@ -228,7 +230,8 @@ def select_learning_rate(learning_rates, score_fn: Callable[[float], float]):
 
 
 def load_checked(c: ml_collections.ConfigDict, pretrained) -> pretrained_lib.Pretrained:
-  """Loads `pretrained` (a path, 'random' or a Pretrained) and checks it fits the recipe's data.
+  """Loads `pretrained` (a path, 'random', 'pixels' or a Pretrained) and checks it fits the
+  recipe's data.
 
   Raises:
     ValueError: image size or channel count differ between the encoder and the config.
@@ -287,7 +290,7 @@ def _make_trainer(c, p, encoder, params, state, val, features, print_fn):
     return (lambda split, lr: train_on_features(*splits[split], c, lr, print_fn, epoch_fn),
             transform)
   step_fn = make_pmapped_augmented_step(encoder, optimizer)
-  dim = networks.representation_dim(p.model)
+  dim = baselines.feature_dim(p)
   return (lambda split, lr: train_augmented(c, step_fn, params, state, dim, split, lr, print_fn),
           lambda z: z)
 
@@ -299,8 +302,9 @@ def run(c: ml_collections.ConfigDict, pretrained, workdir: str,
   Args:
     c: the recipe (dataset.*, image_size, linear.*, precision, seed); model.* is ignored:
       the architecture comes from the pretrained encoder.
-    pretrained: a path for `pretrained.load` (workdir, byol_jax export, authors' .pkl)
-      or a `pretrained.Pretrained`.
+    pretrained: a path for `pretrained.load` (workdir, byol_jax export, authors' .pkl),
+      'random' or 'pixels' (the baselines of `pretrained.resolve`), or a
+      `pretrained.Pretrained`.
     workdir: results.json, metrics.jsonl and TensorBoard scalars go here.
     print_fn: progress lines (default print).
 
@@ -316,13 +320,13 @@ def run(c: ml_collections.ConfigDict, pretrained, workdir: str,
   c = sources.resolve_dataset(c, reads=("eval", "holdout"))
   p = load_checked(c, pretrained)
   _schedule(sources.open_split(c, "train_minus_val").total_examples, c)  # Fail early.
-  encoder = networks.make_encoder_network(p.model, parallel.DEVICE_AXIS, c.precision)
+  encoder = baselines.feature_network(p, parallel.DEVICE_AXIS, c.precision)
   params, state = parallel.replicate(p.params), parallel.replicate(p.state)
   feature_fn = evaluate.make_pmapped_features(encoder)
   features = lambda split: evaluate.split_features(c, feature_fn, params, state, split,
                                                    c.linear.batch_size)
   scale = c.linear.batch_size / LR_REFERENCE_BATCH
-  print_fn(f"linear eval ({c.linear.mode}): encoder {p.model.encoder} x{p.model.width} from "
+  print_fn(f"linear eval ({c.linear.mode}): {baselines.describe(p)} from "
            f"{_source_name(pretrained)} (step {p.step}); extracting features...")
   val_x, val_y = features("val_from_train")
   test_x, test_y = features(c.dataset.eval_split)
@@ -383,7 +387,7 @@ def knn_run(c: ml_collections.ConfigDict, pretrained, workdir: str,
   config_lib.validate(c)
   c = sources.resolve_dataset(c, reads=("eval", "knn"))
   p = load_checked(c, pretrained)
-  encoder = networks.make_encoder_network(p.model, parallel.DEVICE_AXIS, c.precision)
+  encoder = baselines.feature_network(p, parallel.DEVICE_AXIS, c.precision)
   result = evaluate.knn_monitor(c, evaluate.make_pmapped_features(encoder),
                                 parallel.replicate(p.params), parallel.replicate(p.state))
   result.update(k=int(c.knn.k), temperature=float(c.knn.temperature),

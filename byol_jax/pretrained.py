@@ -5,8 +5,10 @@ writing anything), a byol_jax export (export_formats.py's safetensors layout) or
 release checkpoint of the BYOL authors (.pkl, release.py), and returns the online encoder's
 parameters and batch-norm state under the names `networks.make_encoder_network` uses,
 with the model config needed to build that network. `resolve(config, spec)` also accepts
-the word `random`: the recipe's encoder with random weights (`random_init`), the baseline
-every evaluation command can be run on (`--pretrained=random`).
+two baseline words: `random`, the recipe's encoder with random weights (`random_init`),
+which every evaluation command can be run on (`--pretrained=random`), and `pixels`, the
+standardised raw pixels (baselines.py) for the linear protocol and kNN only
+(`--pretrained=pixels`).
 
 This is the hub that knows the formats: it imports their readers (export_formats,
 release), which know nothing of it; export.py, which writes exports from anything loaded
@@ -157,9 +159,14 @@ def random_init(c: ml_collections.ConfigDict, bn_batches: int = 50) -> Pretraine
 
 def resolve(c: ml_collections.ConfigDict, spec: "str | os.PathLike | Pretrained") -> Pretrained:
   """`--pretrained` as the evaluation commands read it: a Pretrained is returned as is,
-  'random' gives `random_init(c)`, anything else is a path for `load`."""
+  'random' gives `random_init(c)`, 'pixels' `baselines.pixels_baseline(c)` (not an
+  encoder: build its features with `baselines.feature_network`), anything else is a path
+  for `load`."""
   if isinstance(spec, Pretrained):
     return spec
   if os.fspath(spec) == RANDOM:
     return random_init(c)
+  from byol_jax import baselines  # Local: it pulls in the networks.
+  if os.fspath(spec) == baselines.PIXELS:
+    return baselines.pixels_baseline(c)
   return load(spec)
