@@ -22,7 +22,10 @@ from byol_jax import networks
 
 PIXELS = "pixels"  # The `--pretrained` value, the Pretrained's source and model.encoder.
 MODULE = "pixels"  # The Haiku module holding the statistics: params[MODULE]['mean'|'std'].
-STD_FLOOR = 1e-6  # A pixel constant over the training split is centred, not divided by 0.
+# A pixel whose std over the training split is below this is constant there: it carries
+# nothing a classifier could learn, and dividing by a tiny std would turn any other value
+# at test time into a huge feature. Its std is stored as +inf, so its feature is 0.
+STD_FLOOR = 1e-6
 
 
 def is_pixels(p: encoder_weights.Pretrained) -> bool:
@@ -63,7 +66,7 @@ def pixel_statistics(c: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarr
 
 
 def pixels_baseline(c: ml_collections.ConfigDict) -> encoder_weights.Pretrained:
-  """The raw-pixel baseline: the statistics of `pixel_statistics`, std floored at STD_FLOOR.
+  """The raw-pixel baseline: the statistics of `pixel_statistics` (std < STD_FLOOR -> inf).
 
   Args:
     c: the run config (dataset.*, image_size, batch_size), resolved from its data set.
@@ -77,7 +80,7 @@ def pixels_baseline(c: ml_collections.ConfigDict) -> encoder_weights.Pretrained:
   model = ml_collections.ConfigDict(c.model.to_dict())  # Not ConfigDict(c.model): shared refs.
   model.encoder = PIXELS
   params = {MODULE: dict(mean=mean.astype(np.float32),
-                         std=np.maximum(std, STD_FLOOR).astype(np.float32))}
+                         std=np.where(std < STD_FLOOR, np.inf, std).astype(np.float32))}
   return encoder_weights.Pretrained(model=model, params=params, state={},
                                     image_size=int(c.image_size), channels=data.num_channels(c),
                                     step=0, source=PIXELS)
