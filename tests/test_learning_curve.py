@@ -1,0 +1,43 @@
+"""experiments/learning_curve.py: the kNN curve read from a run's files, and its PNG."""
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import learning_curve  # noqa: E402
+
+
+def write_run(tmp_path, records, batch_size=128):
+  (tmp_path / "config.json").write_text(json.dumps({"batch_size": batch_size}))
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(tmp_path)
+
+
+def test_curve_is_knn_top1_against_images_seen_in_step_order_resumed_rerun_wins(tmp_path):
+  workdir = write_run(tmp_path, [
+      {"step": 10, "loss": 1.0}, {"step": 20, "knn_top1": 0.5}, {"step": 10, "knn_top1": 0.3},
+      {"step": 20, "knn_top1": 0.55},  # A resumed run logged step 20 again.
+      {"step": 30, "knn_top1": 0.7, "loss": 0.2}])
+  assert learning_curve.knn_curve(workdir) == [(1280, 0.3), (2560, 0.55), (3840, 0.7)]
+
+
+def test_a_run_without_knn_figures_names_the_flag(tmp_path):
+  workdir = write_run(tmp_path, [{"step": 10, "loss": 1.0}])
+  with pytest.raises(ValueError, match="knn.every_steps"):
+    learning_curve.knn_curve(workdir)
+
+
+def test_main_writes_a_png_with_baselines_and_the_linear_point(tmp_path, capsys):
+  workdir = write_run(tmp_path, [{"step": 1, "knn_top1": 0.4}, {"step": 2, "knn_top1": 0.6}], 4)
+  (tmp_path / "knn.json").write_text(json.dumps({"knn_top1": 0.35}))
+  (tmp_path / "results.json").write_text(json.dumps({"top1": 0.65}))
+  out = tmp_path / "curve.png"
+  learning_curve.main([f"--workdir={workdir}", f"--out={out}",
+                       f"--baseline=raw pixels={tmp_path / 'knn.json'}",
+                       f"--linear={tmp_path / 'results.json'}"])
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  printed = capsys.readouterr().out
+  assert "4 | 40.00%" in printed and "8 | 60.00%" in printed
