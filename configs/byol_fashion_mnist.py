@@ -12,7 +12,7 @@ Args (`--config=configs/byol_fashion_mnist.py:ARG`):
   'long': the recipe's network and augmentations for 40 epochs (18,720 steps; 2.4M images:
     about 1 hour at 650 images/s, 1.5 hours at 450, 2.8 hours at 240), with the paper's
     tau_base 0.99, a 1.3-epoch warm-up (the paper's 10 of 300 epochs), and the kNN monitor
-    every 4 epochs for the learning curve (experiments/learning_curve.py).
+    every 4 epochs for the learning curve (scripts/learning_curve.py).
     Resumable like every run: rerunning the command continues from the last checkpoint.
 Deviations from the ImageNet recipe, for 28 px grayscale images on 2 CPU cores, each chosen
 by a measured run (seed 0, linear top-1 on the 10k test images):

@@ -1,4 +1,4 @@
-"""experiments/learning_curve.py: the kNN curve read from a run's files, and its PNG."""
+"""scripts/learning_curve.py: the kNN curve read from a run's files, and its PNG."""
 import json
 import pathlib
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "scripts"))
 import learning_curve  # noqa: E402
 
 

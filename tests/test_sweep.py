@@ -32,7 +32,7 @@ INTENDED = {
     "target_tau": ("target.",),
     "predictor": ("model.use_predictor",),
     "predictor_lr": ("target.", "optim.predictor_lr_multiplier"),
-    "normalisation": ("model.norm",),
+    "normalisation": ("model.norm", "optim.predictor_lr_multiplier"),
     "batch_size": ("batch_size",),
     "augmentations": ("augment.view1.", "augment.view2."),
     "small_images": ("batch_size", "target.tau_base", "augment.view1.blur_prob",

@@ -6,7 +6,7 @@ kNN top-1 against pretraining images seen. Baselines measured with the same prot
 (`byol-jax knn --pretrained=pixels|random`, each writing knn.json) are drawn as horizontal
 lines, and the linear protocol's test top-1 of the final encoder (results.json) as a point.
 
-  python experiments/learning_curve.py --workdir=runs/fm_long --out=experiments/fm_long_curve.png \
+  python scripts/learning_curve.py --workdir=runs/fm_long --out=experiments/fm_long_curve.png \
       --baseline="raw pixels=runs/fm_pixels_knn/knn.json" \
       --baseline="random encoder=runs/fm_random_knn/knn.json" \
       --linear=runs/fm_long/linear/results.json
