@@ -5,7 +5,12 @@ unavoidable work on the same batch, and counts the collectives of the compiled u
 forward on both views), interleaving the two in one process so the ratio is robust to
 other load on the machine. `memory_benchmark` reads XLA's memory analysis of the
 compiled update (no allocation) to find the largest per-device batch that fits a
-budget. `input_benchmark` lives in bench_input.py.
+budget, and adds `saved_activations`: the bytes autodiff keeps from the forward pass for
+the backward pass, read from the traced program (no compile). Compiled figures are those
+of one backend's choices (XLA's CPU backend computes bf16 convolutions in float32, so its
+bfloat16 figures say little of an accelerator's), while the saved tensors are what the
+model asks of any backend: the measure of a precision policy. `input_benchmark` lives in
+bench_input.py.
 """
 import collections
 import os
@@ -16,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import haiku as hk
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -327,6 +333,88 @@ def largest_fitting_batch(total_bytes: Callable[[int], int], budget_bytes: int, 
   return dict(largest=lo, smallest_failing=hi, evaluations=len(cache))
 
 
+# ------------------------------------------------------------- saved activations
+
+
+class SavedTensor(NamedTuple):
+  """One array autodiff keeps from the forward pass for the backward pass (a residual)."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  activation: bool  # Its size grows with the batch; else weights as used, statistics.
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def saved_tensors(c: ml_collections.ConfigDict, per_device: int,
+                  channels: int) -> list[SavedTensor]:
+  """The residuals of BYOL's loss: what one device keeps between forward and backward.
+
+  The loss is train.loss_fn on both views (online and target forwards), differentiated
+  w.r.t. the online params as the update does; the residuals are the leaves of the
+  function `jax.vjp` returns, traced on shapes (nothing is allocated or compiled). Arrays
+  the loss was given (views, params, states) and constants are not counted: they are
+  held whether or not a backward pass follows. Batch norm is traced without the device
+  axis: the cross-replica means add per-channel statistics only.
+
+  An activation is a residual whose size grows with the batch: the loss is traced at
+  `per_device` and `per_device + 1` examples and the two lists compared, so no weight is
+  mistaken for one because a dimension happens to equal the batch.
+  """
+  net = networks.make_byol_network(c.model, c.dataset.num_classes, axis_name=None,
+                                   precision=c.precision)
+  image = lambda b: jax.ShapeDtypeStruct((b, c.image_size, c.image_size, channels), jnp.float32)
+  params, state = jax.eval_shape(lambda key, x: net.init(key, x, is_training=True),
+                                 jax.ShapeDtypeStruct((2,), jnp.uint32), image(per_device))
+
+  def backward(online_params, target_params, online_state, target_state, view1, view2, labels):
+    loss = lambda p: train.loss_fn(p, target_params, online_state, target_state, view1,
+                                   view2, labels, forward=net)
+    return jax.vjp(loss, online_params, has_aux=True)[1]
+
+  def residuals(b):
+    labels = jax.ShapeDtypeStruct((b,), jnp.int32)
+    jaxpr = jax.make_jaxpr(backward)(params, params, state, state, image(b), image(b),
+                                     labels).jaxpr
+    given, seen, avals = set(jaxpr.invars) | set(jaxpr.constvars), set(), []
+    for v in jaxpr.outvars:  # The backward function's leaves: the residuals.
+      if isinstance(v, jex.core.Literal) or v in given or v in seen:
+        continue
+      seen.add(v)
+      avals.append(v.aval)
+    return avals
+
+  at, above = residuals(per_device), residuals(per_device + 1)
+  if [a.dtype for a in at] != [a.dtype for a in above]:
+    raise RuntimeError("the loss saves different residuals at batch sizes "
+                       f"{per_device} and {per_device + 1}; cannot tell activations apart.")
+  return [SavedTensor(tuple(a.shape), np.dtype(a.dtype), a.shape != b.shape)
+          for a, b in zip(at, above)]
+
+
+def saved_activations(c: ml_collections.ConfigDict, per_device: int, channels: int) -> dict:
+  """Per-device bytes autodiff keeps for the update's backward pass (`saved_tensors`).
+
+  Backend-independent, unlike XLA's compiled figures: a precision policy is judged by
+  these (bfloat16 compute should save bf16 activations, half float32's bytes).
+
+  Returns:
+    saved_activation_bytes (residuals that grow with the batch), the same by dtype as
+    saved_activation_bytes_<dtype> (float32 and bfloat16 always, other dtypes present:
+    bool masks of the ReLUs, ...), and saved_non_activation_bytes (the weights as the
+    forward used them, e.g. their bf16 casts, and per-channel statistics).
+  """
+  tensors = saved_tensors(c, per_device, channels)
+  by_dtype = collections.Counter({"float32": 0, "bfloat16": 0})
+  for t in tensors:
+    if t.activation:
+      by_dtype[t.dtype.name] += t.nbytes
+  return dict(saved_activation_bytes=sum(by_dtype.values()),
+              **{f"saved_activation_bytes_{k}": v for k, v in sorted(by_dtype.items())},
+              saved_non_activation_bytes=sum(t.nbytes for t in tensors if not t.activation))
+
+
 def memory_benchmark(c: ml_collections.ConfigDict, budget_gb: float | None = None,
                      channels: int = 3, max_compiles: int = 16) -> dict:
   """Per-device memory of the update at the configured batch, and the largest that fits.
@@ -340,7 +428,9 @@ def memory_benchmark(c: ml_collections.ConfigDict, budget_gb: float | None = Non
 
   Returns:
     One dict of figures: the configured batch's bytes (see UpdateMemory), the budget,
-    largest_per_device_batch, smallest_failing_per_device_batch and compiles used.
+    largest_per_device_batch, smallest_failing_per_device_batch and compiles used, and
+    the configured batch's saved activations (`saved_activations`; their total in GiB
+    as saved_activation_gb).
   """
   n_dev = jax.local_device_count()
   per_device = parallel.per_device_batch(c.batch_size, n_dev)
@@ -349,6 +439,7 @@ def memory_benchmark(c: ml_collections.ConfigDict, budget_gb: float | None = Non
   configured = analyse(per_device)
   search = largest_fitting_batch(lambda b: analyse(b)["total_bytes"], budget, per_device,
                                  max_compiles)
+  saved = saved_activations(c, per_device, channels)
   return dict(
       benchmark="memory", devices=n_dev, platform=jax.devices()[0].platform,
       image_size=c.image_size, encoder=c.model.encoder, width=c.model.width,
@@ -359,4 +450,5 @@ def memory_benchmark(c: ml_collections.ConfigDict, budget_gb: float | None = Non
       budget_gb=round(budget / _GIB, 3),
       largest_per_device_batch=search["largest"],
       smallest_failing_per_device_batch=search["smallest_failing"],
-      compiles=len(analyse.compiled))
+      compiles=len(analyse.compiled),
+      **saved, saved_activation_gb=round(saved["saved_activation_bytes"] / _GIB, 4))

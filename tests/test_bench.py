@@ -91,3 +91,14 @@ def test_update_deletes_the_old_state_buffers(analyse):
   assert all(x.is_deleted() for x in old)
   assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(new_state))
   assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(batch))
+
+
+def test_memory_benchmark_reports_the_saved_activations_of_its_batch(analyse):
+  # A budget nothing reaches and one compile: the configured batch only (cached above).
+  figures = bench.memory_benchmark(analyse.c, budget_gb=1e6, channels=CHANNELS, max_compiles=1)
+  per_device = figures["per_device_batch"]
+  assert figures["compiles"] == 1 and figures["largest_per_device_batch"] == per_device
+  saved = bench.saved_activations(analyse.c, per_device, CHANNELS)
+  assert {k: figures[k] for k in saved} == saved
+  assert saved["saved_activation_bytes_float32"] > 0 == saved["saved_activation_bytes_bfloat16"]
+  assert figures["saved_activation_gb"] == round(saved["saved_activation_bytes"] / 1024**3, 4)
