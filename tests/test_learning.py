@@ -31,11 +31,11 @@ RECIPE_FLOOR = min(RECIPE_MEASURED) - 2 * (max(RECIPE_MEASURED) - min(RECIPE_MEA
 # BYOL minus random encoder was +14.1 / +14.3 points; random itself varied by 0.1 point.
 RECIPE_MARGIN_OVER_RANDOM = 0.12
 
-# 'long' recipe: one measured run (filled from runs/fm_long, README "Results"); its spread is
-# not measured, so the recipe's spread (0.7 points) is used, twice.
-LONG_MEASURED = None
-LONG_FLOOR = None
-LONG_MARGIN_OVER_PIXELS = None
+# 'long' recipe: one run measured (86.18%; raw pixels 82.32% with the same protocol, +3.86
+# points). Its own spread is not measured, so the README recipe's (0.7 points) is used, twice.
+LONG_MEASURED = 0.8618
+LONG_FLOOR = LONG_MEASURED - 2 * (max(RECIPE_MEASURED) - min(RECIPE_MEASURED))
+LONG_MARGIN_OVER_PIXELS = 0.02
 
 ABLATION = "configs/byol_fashion_mnist.py:ablation"
 GN_WS_SWEEP = '''
@@ -69,7 +69,6 @@ def test_readme_run_reaches_its_measured_level_and_beats_random_encoder(data_dir
   assert byol >= random + RECIPE_MARGIN_OVER_RANDOM
 
 
-@pytest.mark.skipif(LONG_MEASURED is None, reason="the long run's level is not measured yet")
 def test_long_run_reaches_its_measured_level_and_beats_raw_pixels(data_dir, tmp_path):
   """The 'long' recipe end to end (1-3 hours on 2 cores), then the linear protocol on its
   encoder and on the standardised raw pixels (--pretrained=pixels)."""
