@@ -1,4 +1,6 @@
 """Helpers of the slow tests that run the real command line on the real Fashion-MNIST."""
+import csv
+import math
 import os
 import pathlib
 import subprocess
@@ -30,3 +32,16 @@ def run_cli(*args, timeout=3600):
   print(proc.stdout[-3000:], proc.stderr[-3000:])
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
+
+
+def sweep_results(workdir, projector_out: int = 128):
+  """A finished sweep's results.csv: (rows by name, collapse_std x sqrt(projector_out),
+  linear top-1). collapse_std is the per-dimension std of the l2-normalised online
+  projection: about 1/sqrt(projector_out) when the batch is spread out, 0 for a constant
+  output."""
+  with open(workdir / "results.csv") as f:
+    rows = {row["name"]: row for row in csv.DictReader(f)}
+  spread = {name: float(row["collapse_std"]) * math.sqrt(projector_out)
+            for name, row in rows.items()}
+  top1 = {name: float(row["linear_top1"]) for name, row in rows.items()}
+  return rows, spread, top1

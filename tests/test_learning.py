@@ -15,9 +15,7 @@ one seed differ), never from a goal the recipe does not reach.
 - GroupNorm + WS on the 'ablation' base: collapses with the recipe's predictor learning
   rate and does not with the predictor's learning rate x10 (experiments/README.md).
 """
-import csv
 import json
-import math
 
 import pytest
 
@@ -92,10 +90,7 @@ def test_group_norm_ws_collapses_with_the_recipe_predictor_lr_and_not_with_x10(d
   real_runs.run_cli("sweep", str(sweep_file), f"--base={ABLATION}",
                     f"--workdir={tmp_path / 'sweep'}", f"--config.dataset.data_dir={data_dir}")
   random = linear_top1(ABLATION, data_dir, "random", tmp_path / "random")
-  with open(tmp_path / "sweep" / "results.csv") as f:
-    rows = {row["name"]: row for row in csv.DictReader(f)}
-  spread = {name: float(row["collapse_std"]) * math.sqrt(128) for name, row in rows.items()}
-  top1 = {name: float(row["linear_top1"]) for name, row in rows.items()}
+  rows, spread, top1 = real_runs.sweep_results(tmp_path / "sweep")
   print(f"linear top-1 {top1}, random encoder {random:.4f}; collapse_std * sqrt(d) {spread}")
   assert all(row["status"] == "done" for row in rows.values()), rows
   assert spread["group_ws_x1"] < 0.05  # The loop's collapse threshold.
