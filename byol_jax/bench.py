@@ -1,9 +1,10 @@
 """Benchmarks that return figures as a dict (the CLI prints it as one JSON line).
 
 `step_benchmark` times the full pmapped BYOL update against the bare encoder doing the
-unavoidable work on the same batch, and counts the collectives of the compiled update (online forward+backward on both views, target
-forward on both views), interleaving the two in one process so the ratio is robust to
-other load on the machine. `memory_benchmark` reads XLA's memory analysis of the
+unavoidable work on the same batch (online forward+backward on both views, target
+forward on both views) and against two parts of the rest timed alone (optimiser + EMA,
+augmentation), interleaving them in one process so the ratios are robust to other load
+on the machine, and counts the collectives of the compiled update. `memory_benchmark` reads XLA's memory analysis of the
 compiled update (no allocation) to find the largest per-device batch that fits a
 budget, and adds `saved_activations`: the bytes autodiff keeps from the forward pass for
 the backward pass, read from the traced program (no compile). Compiled figures are those
@@ -13,6 +14,7 @@ model asks of any backend: the measure of a precision policy. `input_benchmark` 
 bench_input.py.
 """
 import collections
+import functools
 import os
 import re
 import statistics
@@ -151,6 +153,32 @@ def collective_figures(hlo_text: str) -> dict:
               conditional_collectives=conditionals)
 
 
+def _step_parts(deps: train.Deps, state: train.TrainState, batch: dict, key: jax.Array
+                ) -> dict[str, Callable]:
+  """Two parts of the update that the bare encoder does not do, each alone.
+
+  optimizer_ema: the optimiser step and the target's EMA (`train._apply_gradients`), on
+  gradients of the parameters' shapes; augment: both views' on-device augmentation with
+  their per-example keys (`train.augment_views`). What the update spends beyond these and
+  the encoder is the heads, the loss, the probe, the guards and the monitors' cond.
+  """
+  apply = jax.pmap(functools.partial(train._apply_gradients, deps=deps),  # pylint: disable=protected-access
+                   axis_name=parallel.DEVICE_AXIS, in_axes=(0, 0, 0, 0, None),
+                   donate_argnums=(0,))
+  grads = parallel.replicate(jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.online_params))
+  norm_states = parallel.replicate((state.online_state, state.target_state))
+  holder = {"state": parallel.replicate(state)}
+  tau = deps.tau_schedule(0)
+
+  def optimizer_ema():
+    holder["state"] = apply(holder["state"], grads, *norm_states, tau)
+    return holder["state"].step
+
+  augment = jax.pmap(lambda b, k: train.augment_views(b, k, jnp.zeros((), jnp.int32), deps),
+                     axis_name=parallel.DEVICE_AXIS, in_axes=(0, None))
+  return dict(optimizer_ema=optimizer_ema, augment=lambda: augment(batch, key))
+
+
 def _time(fn: Callable, repeats: int) -> list[float]:
   times = []
   for _ in range(repeats):
@@ -167,11 +195,14 @@ def step_benchmark(c: ml_collections.ConfigDict, steps: int = 5, rounds: int = 3
   Args:
     c: a config; batch_size is global and must divide over the local devices.
     steps: timed calls per round and function.
-    rounds: alternating rounds (full, baseline, full, ...); medians are reported.
+    rounds: alternating rounds (full, baseline, optimiser+EMA, augmentation, full, ...);
+      medians are reported.
     channels: image channels.
 
   Returns:
     images_per_sec, step_ms, baseline_step_ms, overhead_ratio (full / baseline),
+    non_encoder_share (1 - baseline / full), the parts of the difference timed alone
+    (`_step_parts`: optimizer_ema_ms, augment_ms; heads_loss_rest_ms is what remains),
     flops_per_image (XLA cost analysis of the full step, per example of two views),
     achieved_gflops, the collectives of the compiled update per step and device on a
     non-logged and a logged step (`collective_figures`), plus the setting (devices,
@@ -199,16 +230,19 @@ def step_benchmark(c: ml_collections.ConfigDict, steps: int = 5, rounds: int = 3
   holder = {"state": parallel.replicate(state)}
 
   def full():
-    holder["state"], metrics = update(holder["state"], batch, key)
+    holder["state"], metrics = compiled(holder["state"], batch, key)
     return metrics
 
-  run_baseline = lambda: baseline(*base_args, float_batch)
-  full(), run_baseline()  # Compile and warm up both.
-  full_times, base_times = [], []
+  parts = dict(full=full, encoder=lambda: baseline(*base_args, float_batch),
+               **_step_parts(deps, state, batch, key))
+  for run in parts.values():  # Compile and warm up every part.
+    jax.block_until_ready(run())
+  times = {name: [] for name in parts}
   for _ in range(rounds):
-    full_times += _time(full, steps)
-    base_times += _time(run_baseline, steps)
-  step_s, base_s = statistics.median(full_times), statistics.median(base_times)
+    for name, run in parts.items():
+      times[name] += _time(run, steps)
+  ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+  step_s, base_s = ms["full"] / 1e3, ms["encoder"] / 1e3
   return dict(
       benchmark="step", devices=n_dev, platform=jax.devices()[0].platform,
       batch_size=c.batch_size, image_size=c.image_size, encoder=c.model.encoder,
@@ -216,6 +250,10 @@ def step_benchmark(c: ml_collections.ConfigDict, steps: int = 5, rounds: int = 3
       images_per_sec=round(c.batch_size / step_s, 2),
       step_ms=round(1e3 * step_s, 2), baseline_step_ms=round(1e3 * base_s, 2),
       overhead_ratio=round(step_s / base_s, 4),
+      non_encoder_share=round(1.0 - base_s / step_s, 4),
+      optimizer_ema_ms=round(ms["optimizer_ema"], 2), augment_ms=round(ms["augment"], 2),
+      heads_loss_rest_ms=round(ms["full"] - ms["encoder"] - ms["optimizer_ema"]
+                               - ms["augment"], 2),
       flops_per_image=round(flops / per_device),
       achieved_gflops=round(flops * n_dev / step_s / 1e9, 2),
       **collective_figures(compiled.as_text()))

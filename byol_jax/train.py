@@ -122,6 +122,15 @@ def example_keys(rng: jax.Array, step: jnp.ndarray, per_device: int) -> jnp.ndar
   return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(index)
 
 
+def augment_views(batch: dict, rng: jax.Array, step: jnp.ndarray, deps: Deps
+                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Both views of this device's batch, augmented on the device with per-example keys."""
+  keys = example_keys(rng, step, batch["view1"].shape[0])
+  view1 = deps.augment_fn(batch["view1"], jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), deps.view1)
+  view2 = deps.augment_fn(batch["view2"], jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys), deps.view2)
+  return view1, view2
+
+
 def loss_fn(online_params: hk.Params, target_params: hk.Params,
             online_state: hk.State, target_state: hk.State,
             view1: jnp.ndarray, view2: jnp.ndarray, labels: jnp.ndarray,
@@ -166,11 +175,7 @@ def update(state: TrainState, batch: dict, rng: jax.Array, *, deps: Deps
     A step whose loss or gradients are not finite leaves the state unchanged but for
     `step` (metrics['nonfinite']=1).
   """
-  per_device = batch["view1"].shape[0]
-  keys = example_keys(rng, state.step, per_device)
-  view1 = deps.augment_fn(batch["view1"], jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), deps.view1)
-  view2 = deps.augment_fn(batch["view2"], jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys), deps.view2)
-
+  view1, view2 = augment_views(batch, rng, state.step, deps)
   grad_fn = jax.grad(loss_fn, argnums=0, has_aux=True)
   grads, (online_state, target_state, aux) = grad_fn(
       state.online_params, state.target_params, state.online_state, state.target_state,

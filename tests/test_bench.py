@@ -1,5 +1,6 @@
-"""Tests of bench.py's memory benchmark: XLA's per-device figures of the compiled update,
-the batch search against a budget, and donation of the old state's buffers.
+"""Tests of bench.py: the step benchmark's figures and parts; the memory benchmark (XLA's
+per-device figures of the compiled update), the batch search against a budget, and
+donation of the old state's buffers.
 
 One UpdateMemory (the smoke recipe at 16 px, 4 fake devices) is shared by all tests so
 each per-device batch size is compiled once.
@@ -102,3 +103,18 @@ def test_memory_benchmark_reports_the_saved_activations_of_its_batch(analyse):
   assert {k: figures[k] for k in saved} == saved
   assert saved["saved_activation_bytes_float32"] > 0 == saved["saved_activation_bytes_bfloat16"]
   assert figures["saved_activation_gb"] == round(saved["saved_activation_bytes"] / 1024**3, 4)
+
+
+def test_step_benchmark_parts_add_up_to_the_step(analyse):
+  """The step bench on the smoke recipe: its ratios come from its own medians, and the
+  parts timed alone (optimiser + EMA, augmentation) leave the heads' remainder."""
+  figures = bench.step_benchmark(analyse.c, steps=1, rounds=1, channels=CHANNELS)
+  step, encoder = figures["step_ms"], figures["baseline_step_ms"]
+  assert step > 0 and encoder > 0
+  assert figures["optimizer_ema_ms"] > 0 and figures["augment_ms"] > 0
+  assert figures["overhead_ratio"] == pytest.approx(step / encoder, abs=1e-3)
+  assert figures["non_encoder_share"] == pytest.approx(1 - encoder / step, abs=1e-3)
+  assert figures["heads_loss_rest_ms"] == pytest.approx(
+      step - encoder - figures["optimizer_ema_ms"] - figures["augment_ms"], abs=0.02)
+  # Counted on the compiled update: a logged step adds the monitors' all-reduces.
+  assert figures["collective_bytes_logged"] > figures["collective_bytes"] > 0
