@@ -13,7 +13,9 @@ lambda 1, GroupNorm + WS collapses within ~50 steps (collapse_std x sqrt(128) fr
 initialisation to 0.02), whatever the heads' norm (GroupNorm or none), GroupNorm's groups
 (8 or 32), the target's tau_base (0.99 or 0.996) or the learning rate (0.1 only slows it);
 with lambda 10 it dips to 0.06 by step 52, recovers to ~0.6 by step 130 and holds, and its
-linear top-1 lands beside BatchNorm's.
+linear top-1 lands beside BatchNorm's. On a 10-epoch base (`--config.num_epochs=10`): x1 BN
+80.69%, no norm 21.90% (collapsed), GN+WS 67.05% (collapsed); x10 BN 82.82%, no norm 80.91%,
+GN+WS 79.89% (not collapsed).
 """
 
 NORMS = ("batch", "none", "group_ws")
