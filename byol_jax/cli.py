@@ -51,7 +51,7 @@ flags.DEFINE_string("pretrained", None, "linear-eval/knn/finetune: a pretraining
 flags.DEFINE_string("from_release", None, "export: an authors' release checkpoint (.pkl) "
                     "to convert instead of --workdir.")
 flags.DEFINE_enum("format", "byol_jax", ["byol_jax", "torchvision"],
-                  "export: byol_jax (safetensors + config, for byol_jax.export.load_encoder) "
+                  "export: byol_jax (safetensors + config, for byol_jax.weights.export.load_encoder) "
                   "or torchvision (ResNet state dict, safetensors).")
 flags.DEFINE_string("base", None, "sweep: the recipe every run starts from, "
                     "configs/<recipe>.py[:arg].")
@@ -102,14 +102,14 @@ def _config():
 
 def _config_for_data():
   """The recipe with sizes and classes from its data set, its train split checked."""
-  from byol_jax import sources
+  from byol_jax.data import sources
   return sources.resolve_dataset(_config(), reads=())
 
 
 def _config_for_synthetic():
   """The recipe for benchmarks on synthetic data: resolved from its data set when that is
   prepared; else its sizes must be given, since the schedules and the probe need them."""
-  from byol_jax import sources
+  from byol_jax.data import sources
   c = _config()
   try:
     return sources.resolve_dataset(c, reads=())
@@ -159,7 +159,7 @@ def _pretrain(args: list[str]) -> None:
     raise UsageError("--workdir is required: where checkpoints and logs go.")
   c = _config()
   _maybe_initialize_distributed()
-  from byol_jax import loop
+  from byol_jax.jobs import loop
   result = loop.pretrain(c, FLAGS.workdir)
   import jax
   if jax.process_index() == 0:
@@ -173,7 +173,7 @@ def _pretrain(args: list[str]) -> None:
 
 
 def _prepare_data(args: list[str]) -> None:
-  from byol_jax import prepare
+  from byol_jax.data import prepare
   if args == ["fashion_mnist"]:
     kwargs = {"data_dir": FLAGS.data_dir}
     if FLAGS.source:
@@ -194,7 +194,7 @@ def _prepare_data(args: list[str]) -> None:
 def _preview(args: list[str]) -> None:
   if args or not FLAGS.out:
     raise UsageError("usage: byol-jax preview --config=FILE --out=views.png [--num_images=8]")
-  from byol_jax import preview
+  from byol_jax.tools import preview
   path = preview.write_preview(_config_for_data(), FLAGS.out, FLAGS.num_images)
   print(f"wrote {path}: rows of [crop 1 | view 1 | crop 2 | view 2]")
 
@@ -202,14 +202,14 @@ def _preview(args: list[str]) -> None:
 def _bench(args: list[str]) -> None:
   what = args[0] if args else None
   if what == "step":
-    from byol_jax import bench
+    from byol_jax.tools import bench
     figures = bench.step_benchmark(_config_for_synthetic(), FLAGS.bench_steps, FLAGS.bench_rounds,
                                    FLAGS.channels)
   elif what == "input":
-    from byol_jax import bench_input
+    from byol_jax.tools import bench_input
     figures = bench_input.input_benchmark(_config())
   elif what == "memory":
-    from byol_jax import bench
+    from byol_jax.tools import bench
     figures = bench.memory_benchmark(_config_for_synthetic(), FLAGS.memory_budget_gb,
                                      FLAGS.channels)
   else:
@@ -224,7 +224,7 @@ _BASELINES = ("random", "pixels")
 
 def _check_urls() -> None:
   """Refuses a path flag whose URL scheme no filesystem here handles, before any work."""
-  from byol_jax import files
+  from byol_jax.store import files
   for name in ("workdir", "out", "from_release", "pretrained"):
     value = getattr(FLAGS, name)
     if value and not (name == "pretrained" and value in _BASELINES):
@@ -247,7 +247,7 @@ def _evaluation(module_name: str, function: str):
     _require(pretrained=FLAGS.pretrained, workdir=FLAGS.workdir)
     c = _config()
     import importlib
-    module = importlib.import_module(f"byol_jax.{module_name}")
+    module = importlib.import_module(f"byol_jax.evaluation.{module_name}")
     getattr(module, function)(c, FLAGS.pretrained, FLAGS.workdir)
   return command
 
@@ -259,7 +259,7 @@ def _export(args: list[str]) -> None:
     raise UsageError("export needs exactly one of --workdir=DIR (a pretraining run) and "
                      "--from_release=FILE.pkl (an authors' release checkpoint).")
   _require(out=FLAGS.out)
-  from byol_jax import export
+  from byol_jax.weights import export
   path = export.export(FLAGS.workdir or FLAGS.from_release, FLAGS.out, FLAGS.format)
   print(f"wrote {path} ({FLAGS.format} format)")
 
@@ -269,7 +269,7 @@ def _sweep(args: list[str], overrides: list[str]) -> None:
     raise UsageError("usage: byol-jax sweep experiments/FILE.py --base=configs/RECIPE.py "
                      "--workdir=DIR [--print_commands] [--config.key=value ...]")
   _require(base=FLAGS.base, workdir=FLAGS.workdir)
-  from byol_jax import sweep
+  from byol_jax.jobs import sweep
   status = sweep.main_like(args[0], FLAGS.base, FLAGS.workdir, overrides=overrides,
                            print_commands=FLAGS.print_commands)
   if status:

@@ -11,14 +11,14 @@ lines, and the linear protocol's test top-1 of the final encoder (results.json) 
       --baseline="random encoder=runs/fm_random_knn/knn.json" \
       --linear=runs/fm_long/linear/results.json
 
-Every path may be local or gs:// (byol_jax.files). Prints the curve's points as a table.
+Every path may be local or gs:// (byol_jax.store.files). Prints the curve's points as a table.
 """
 import argparse
 import io
 import json
 
-from byol_jax import files
-from byol_jax import run_config
+from byol_jax.store import files
+from byol_jax.store import run_config
 
 
 def knn_curve(workdir: str) -> list[tuple[int, float]]:

@@ -38,7 +38,7 @@ def write_fashion_mnist(folder, n_train=12, n_test=5, seed=0):
 def fashion_mnist_tfds(root, n_train=64, n_test=12) -> str:
   """Writes fake Fashion-MNIST idx files under root/idx and builds them as a tfds data set
   under root/tfds (with byol_jax's own `prepare_fashion_mnist`); returns that data_dir."""
-  from byol_jax import prepare
+  from byol_jax.data import prepare
   root = pathlib.Path(root)
   write_fashion_mnist(root / "idx", n_train=n_train, n_test=n_test)
   prepare.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))

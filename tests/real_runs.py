@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from byol_jax import prepare
+from byol_jax.data import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

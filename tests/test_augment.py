@@ -1,4 +1,4 @@
-"""Tests of byol_jax.augment: each op against tf.image or NumPy, the random order, the
+"""Tests of byol_jax.training.augment: each op against tf.image or NumPy, the random order, the
 probabilities, and the batched, jitted pipeline against a reference built op by op."""
 import colorsys
 import functools
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from byol_jax import augment
+from byol_jax.training import augment
 from byol_jax import config as config_lib
 
 _OFF = dict(flip_prob=0.0, color_jitter_prob=0.0, brightness=0.4, contrast=0.4,

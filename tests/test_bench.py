@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from byol_jax import bench
+from byol_jax.tools import bench
 from byol_jax import parallel
-from byol_jax import train
+from byol_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHANNELS = 1

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import bench
+from byol_jax.tools import bench
 from byol_jax import config as config_lib
-from byol_jax import networks
-from byol_jax import train
+from byol_jax.model import networks
+from byol_jax.training import train
 
 PER_DEVICE = 4
 SIZE = 16

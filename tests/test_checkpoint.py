@@ -21,11 +21,11 @@ import numpy as np
 import optax
 import pytest
 
-from byol_jax import checkpoint
+from byol_jax.store import checkpoint
 from byol_jax import config as config_lib
-from byol_jax import integrity
+from byol_jax.store import integrity
 from byol_jax import parallel
-from byol_jax import run_config
+from byol_jax.store import run_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from byol_jax import config as config_lib
-from byol_jax import networks
+from byol_jax.model import networks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("byol_*.py"))

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from byol_jax import config as config_lib
-from byol_jax import layers as layers_lib
-from byol_jax import networks
-from byol_jax import run_config
+from byol_jax.model import layers as layers_lib
+from byol_jax.model import networks
+from byol_jax.store import run_config
 
 KEY = jax.random.PRNGKey(0)
 SYMMETRIC = "symmetric"

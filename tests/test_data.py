@@ -1,4 +1,4 @@
-"""Tests of byol_jax.crops and byol_jax.data: crops against tf.image references, pipelines
+"""Tests of byol_jax.data.crops and byol_jax.data.pipelines: crops against tf.image references, pipelines
 end to end on tfds data sets the tests write (real JPEG bytes) and on mocked imagenet2012."""
 import struct
 
@@ -9,10 +9,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from byol_jax import config as config_lib
-from byol_jax import crops
-from byol_jax import data
-from byol_jax import prepare
-from byol_jax import sources
+from byol_jax.data import crops
+from byol_jax.data import pipelines
+from byol_jax.data import prepare
+from byol_jax.data import sources
 
 tfds.disable_progress_bar()
 S = 16
@@ -261,10 +261,10 @@ def test_png_bytes_decode_then_crop_exactly():
 
 def test_num_channels_follows_the_data_set_unless_configured(images_dir, tmp_path):
   c = make_config("byol_test_images", images_dir[0])
-  assert data.num_channels(c) == 3
+  assert pipelines.num_channels(c) == 3
   c.dataset.channels = 1
-  assert data.num_channels(c) == 1
-  assert next(data.eval_dataset(c, local_device_count=1))["image"].shape[-1] == 1
+  assert pipelines.num_channels(c) == 1
+  assert next(pipelines.eval_dataset(c, local_device_count=1))["image"].shape[-1] == 1
 
 
 def test_grayscale_and_rgb_jpegs_convert_to_the_configured_channels():
@@ -301,7 +301,7 @@ def test_eval_sees_every_example_once_across_processes_and_pads_with_mask(images
   c = make_config("byol_test_images", data_dir, cache_max_bytes=0)
   seen, batches = [], []
   for p in range(2):
-    it = data.eval_dataset(c, process_index=p, process_count=2, local_device_count=2,
+    it = pipelines.eval_dataset(c, process_index=p, process_count=2, local_device_count=2,
                            batch_size=4)
     out = list(it)
     batches.append(len(out))
@@ -312,7 +312,7 @@ def test_eval_sees_every_example_once_across_processes_and_pads_with_mask(images
       assert (b["image"][b["mask"] == 0] == 0).all()
   assert sorted(seen) == list(range(TEST_N))
   # Centre crop 224/256 of the short side, against the reference on the same bytes.
-  it = data.eval_dataset(c, local_device_count=1, batch_size=7)
+  it = pipelines.eval_dataset(c, local_device_count=1, batch_size=7)
   batch = next(it)
   for image, label in zip(batch["image"][0], batch["label"][0]):
     h, w = tf.image.extract_jpeg_shape(test_images[label]).numpy()[:2]
@@ -323,9 +323,9 @@ def test_eval_sees_every_example_once_across_processes_and_pads_with_mask(images
 def test_deterministic_pretrain_resumes_exactly_and_reshuffles_each_epoch(images_dir):
   c = make_config("byol_test_images", images_dir[0])
   c.batch_size = 4
-  run = data.pretrain_dataset(c, local_device_count=2)  # b = 2, 4 per step.
+  run = pipelines.pretrain_dataset(c, local_device_count=2)  # b = 2, 4 per step.
   first = take(run, 6)
-  resumed = take(data.pretrain_dataset(c, local_device_count=2, start_step=3), 3)
+  resumed = take(pipelines.pretrain_dataset(c, local_device_count=2, start_step=3), 3)
   for a, b in zip(first[3:], resumed):  # Step 3 starts mid-epoch 1 (position 12).
     for key in ("view1", "view2", "label"):
       np.testing.assert_array_equal(a[key], b[key])
@@ -341,8 +341,8 @@ def test_deterministic_pretrain_resumes_exactly_and_reshuffles_each_epoch(images
 def test_caching_does_not_change_deterministic_batches(images_dir):
   cached = make_config("byol_test_images", images_dir[0])
   uncached = make_config("byol_test_images", images_dir[0], cache_max_bytes=0)
-  a = take(data.linear_train_dataset(cached, local_device_count=2), 3)
-  b = take(data.linear_train_dataset(uncached, local_device_count=2), 3)
+  a = take(pipelines.linear_train_dataset(cached, local_device_count=2), 3)
+  b = take(pipelines.linear_train_dataset(uncached, local_device_count=2), 3)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["image"], y["image"])
 
@@ -352,7 +352,7 @@ def test_linear_train_flips_some_images_horizontally(images_dir):
   # output is the reference centre crop or its mirror image, and both occur.
   c = make_config("byol_test_images", images_dir[0], cache_max_bytes=0)
   c.augment.crop_area_min = 1.0
-  batch = next(data.linear_train_dataset(c, local_device_count=1, batch_size=10))
+  batch = next(pipelines.linear_train_dataset(c, local_device_count=1, batch_size=10))
   train = [jpeg(smooth_image(24 + 4 * i, 60 - 3 * i, i)) for i in range(TRAIN_N)]
   flips = []
   for image, label in zip(batch["image"][0], batch["label"][0]):
@@ -368,7 +368,7 @@ def test_validation_split_is_held_out_of_train(images_dir):
   c = make_config("byol_test_images", images_dir[0])
   labels = {}
   for split in ("val_from_train", "train_minus_val"):
-    batches = list(data.eval_dataset(c, split, local_device_count=1, batch_size=4))
+    batches = list(pipelines.eval_dataset(c, split, local_device_count=1, batch_size=4))
     labels[split] = [l for b in batches for l in b["label"][b["mask"] == 1]]
   assert sources.resolve_split(c, "val_from_train") == "train[:3]"
   assert sources.resolve_split(c, "train_minus_val") == "train[3:]"
@@ -378,7 +378,7 @@ def test_validation_split_is_held_out_of_train(images_dir):
 
 def test_corrupt_images_are_skipped_and_counted_other_formats_decoded(bad_dir):
   c = make_config("byol_test_bad", bad_dir)
-  it = data.eval_dataset(c, local_device_count=1, batch_size=3)
+  it = pipelines.eval_dataset(c, local_device_count=1, batch_size=3)
   batches = list(it)
   mask = np.concatenate([b["mask"].ravel() for b in batches])
   labels = np.concatenate([b["label"].ravel() for b in batches])[mask == 1]
@@ -397,7 +397,7 @@ def test_corrupt_images_are_skipped_and_counted_other_formats_decoded(bad_dir):
   expected = reference_crop(cmyk_rgb[::2, ::2], half_window)
   assert np.abs(by_label[6].astype(int) - expected).max() <= 2
   # Pretraining goes on past them: 16 good images span epochs 0-2, so 4 to 6 skips.
-  pre = data.pretrain_dataset(c, local_device_count=2)
+  pre = pipelines.pretrain_dataset(c, local_device_count=2)
   for batch in take(pre, 2):
     assert set(batch["label"].ravel()) <= set(GOOD_LABELS)
   assert 4 <= pre.skipped_images <= 6
@@ -411,8 +411,8 @@ def test_mocked_imagenet_reads_jpeg_bytes_through_the_jpeg_path():
         {"image": True, "label": True}, decoders={"image": tfds.decode.SkipDecoding()})
     raw = list(tfds.builder("imagenet2012").as_dataset(split="validation", decoders=decoders))
     assert all(bool(tf.io.is_jpeg(ex["image"])) for ex in raw)  # Really JPEG bytes.
-    batch = next(data.eval_dataset(c, local_device_count=2, batch_size=6))
-    pre = next(data.pretrain_dataset(c, local_device_count=2))
+    batch = next(pipelines.eval_dataset(c, local_device_count=2, batch_size=6))
+    pre = next(pipelines.pretrain_dataset(c, local_device_count=2))
   assert pre["view1"].shape == (2, 4, S, S, 3) and pre["label"].shape == (2, 4)
   for image, ex in zip(batch["image"].reshape(-1, S, S, 3), raw):
     h, w = tf.image.extract_jpeg_shape(ex["image"]).numpy()[:2]
@@ -423,7 +423,7 @@ def test_mocked_imagenet_reads_jpeg_bytes_through_the_jpeg_path():
 
 def test_stateful_mode_yields_valid_random_batches(images_dir):
   c = make_config("byol_test_images", images_dir[0], deterministic=False)
-  a, b = take(data.pretrain_dataset(c, local_device_count=2), 2)
+  a, b = take(pipelines.pretrain_dataset(c, local_device_count=2), 2)
   assert a["view1"].shape == (2, 4, S, S, 3) and a["view1"].dtype == np.uint8
   assert set(np.concatenate([a["label"].ravel(), b["label"].ravel()])) <= set(range(TRAIN_N))
   assert not np.array_equal(a["view1"], a["view2"])
@@ -431,8 +431,8 @@ def test_stateful_mode_yields_valid_random_batches(images_dir):
 
 def test_device_prefetch_places_batches_on_local_devices(images_dir):
   c = make_config("byol_test_images", images_dir[0])
-  host = list(data.eval_dataset(c, local_device_count=4, batch_size=4))
-  prefetched = data.device_prefetch(data.eval_dataset(c, local_device_count=4, batch_size=4))
+  host = list(pipelines.eval_dataset(c, local_device_count=4, batch_size=4))
+  prefetched = pipelines.device_prefetch(pipelines.eval_dataset(c, local_device_count=4, batch_size=4))
   on_device = list(prefetched)
   assert len(on_device) == len(host) == 2 and prefetched.skipped_images == 0
   for h, d in zip(host, on_device):
@@ -444,9 +444,9 @@ def test_bad_batch_size_and_split_and_missing_data_sets_raise_clear_errors(image
   c = make_config("byol_test_images", images_dir[0], deterministic=False)
   c.batch_size = 6
   with pytest.raises(ValueError, match=r"batch_size=6 .*device count 4"):
-    data.pretrain_dataset(c, local_device_count=4)
+    pipelines.pretrain_dataset(c, local_device_count=4)
   with pytest.raises(ValueError, match="train_minus_val"):
-    data.eval_dataset(make_config("byol_test_images", images_dir[0]), "nonexistent",
+    pipelines.eval_dataset(make_config("byol_test_images", images_dir[0]), "nonexistent",
                       local_device_count=1)
   empty = str(tmp_path)
   cases = {"fashion_mnist": "byol-jax prepare-data fashion_mnist",
@@ -454,11 +454,11 @@ def test_bad_batch_size_and_split_and_missing_data_sets_raise_clear_errors(image
            "no_such_images": "prepare_image_folder"}
   for name, hint in cases.items():
     with pytest.raises(sources.DatasetNotPreparedError, match=hint):
-      data.eval_dataset(make_config(name, empty), local_device_count=1)
+      pipelines.eval_dataset(make_config(name, empty), local_device_count=1)
 
 
 def test_benchmark_jpegs_are_imagenet_like_and_every_figure_is_reported(tmp_path):
-  from byol_jax import bench_input  # Here, not at the top: only this test needs it.
+  from byol_jax.tools import bench_input  # Here, not at the top: only this test needs it.
   rng = np.random.default_rng(0)
   sizes = [len(jpeg(bench_input.synthetic_photo(rng, 375, 500, t), quality=90))
            for t in (1.1, 2.0, 3.2)]  # The texture range write_jpegs draws from.

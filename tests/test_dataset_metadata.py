@@ -1,6 +1,6 @@
 """Sizes and classes from the data set's metadata; bad sizes, splits and labels stopped at
 start-up, before any step or file, with one line naming the field and the fix. On a small
-image folder (3 classes, 20 JPEG/PNG images, prepared by byol_jax.prepare) and on the
+image folder (3 classes, 20 JPEG/PNG images, prepared by byol_jax.data.prepare) and on the
 offline Fashion-MNIST-format data (64 train, 12 test, 10 classes)."""
 import importlib
 import os
@@ -15,14 +15,14 @@ import tensorflow_datasets as tfds
 
 import fakes
 from byol_jax import config as config_lib
-from byol_jax import data
-from byol_jax import finetune
-from byol_jax import linear_eval
-from byol_jax import loop
-from byol_jax import prepare
-from byol_jax import pretrained as pretrained_lib
-from byol_jax import run_config
-from byol_jax import sources
+from byol_jax.data import pipelines
+from byol_jax.evaluation import finetune
+from byol_jax.evaluation import linear_eval
+from byol_jax.jobs import loop
+from byol_jax.data import prepare
+from byol_jax.weights import pretrained as pretrained_lib
+from byol_jax.store import run_config
+from byol_jax.data import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDER, FOLDER_SIZES = "byol_test_three", (7, 7, 6)  # 20 images in 3 classes.
@@ -223,15 +223,15 @@ def test_labels_outside_the_class_count_stop_the_pipelines(unlabelled_classes):
   c = plain(unlabelled_classes, 3)  # The data holds labels 0..5.
   message = r"label [345], outside \[0, 3\) \(dataset.num_classes=3\)"
   with pytest.raises(ValueError, match=message):
-    list(data.eval_dataset(c, local_device_count=1))
+    list(pipelines.eval_dataset(c, local_device_count=1))
   with pytest.raises(ValueError, match=message):
     for _ in range(4):
-      next(data.pretrain_dataset(c, local_device_count=1))
+      next(pipelines.pretrain_dataset(c, local_device_count=1))
   with pytest.raises(ValueError, match=r"label 3, outside \[0, 3\)"):
-    data.split_labels(c)
+    pipelines.split_labels(c)
   c = plain(unlabelled_classes, 6)
-  assert sorted(data.split_labels(c).tolist()) == sorted([i % 6 for i in range(12)])
-  batches = list(data.eval_dataset(c, local_device_count=1))
+  assert sorted(pipelines.split_labels(c).tolist()) == sorted([i % 6 for i in range(12)])
+  batches = list(pipelines.eval_dataset(c, local_device_count=1))
   assert sorted(np.concatenate([b["label"].reshape(-1) for b in batches]).tolist()) == sorted(
       [i % 6 for i in range(12)])
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from byol_jax import config as config_lib
-from byol_jax import evaluate
-from byol_jax import networks
+from byol_jax.evaluation import evaluate
+from byol_jax.model import networks
 from byol_jax import parallel
 
 

@@ -17,10 +17,10 @@ from torch import nn
 
 import authors_reference
 from byol_jax import config as config_lib
-from byol_jax import export
-from byol_jax import export_formats
-from byol_jax import networks
-from byol_jax import pretrained
+from byol_jax.weights import export
+from byol_jax.weights import export_formats
+from byol_jax.model import networks
+from byol_jax.weights import pretrained
 from test_pretrained import tiny_config, write_workdir
 
 

@@ -17,12 +17,12 @@ import tensorflow_datasets as tfds
 
 import fakes
 from byol_jax import config as config_lib
-from byol_jax import data
-from byol_jax import finetune
-from byol_jax import networks
+from byol_jax.data import pipelines
+from byol_jax.evaluation import finetune
+from byol_jax.model import networks
 from byol_jax import parallel
-from byol_jax import prepare
-from byol_jax import pretrained as pretrained_lib
+from byol_jax.data import prepare
+from byol_jax.weights import pretrained as pretrained_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE, CHANNELS, CLASSES, BATCH = 8, 1, 10, 8
@@ -138,7 +138,7 @@ def _reference_example(data_dir, index):
 def test_split_labels_follow_tfds_stored_order(fmnist):
   data_dir, arrays = fmnist
   c = recipe(data_dir)
-  labels = data.split_labels(c)
+  labels = pipelines.split_labels(c)
   assert labels.shape == (N_TRAIN,)
   assert sorted(labels.tolist()) == sorted(arrays["train"][1].tolist())
   for i in (0, 17, 63):
@@ -158,7 +158,7 @@ def test_finetune_dataset_yields_exactly_the_subset_cropped_and_flipped(fmnist):
   reference = [_reference_example(data_dir, i) for i in subset]
   seen = []
   for process in range(2):
-    batch = next(data.finetune_dataset(c, subset, process_index=process, process_count=2,
+    batch = next(pipelines.finetune_dataset(c, subset, process_index=process, process_count=2,
                                        local_device_count=2, batch_size=4))
     assert batch["image"].shape == (2, 1, 28, 28, 1) and batch["image"].dtype == np.uint8
     for image, label in zip(batch["image"].reshape(-1, 28, 28, 1), batch["label"].reshape(-1)):
@@ -174,7 +174,7 @@ def test_finetune_dataset_refuses_bad_indices(fmnist):
   c = recipe(fmnist[0])
   for indices, message in (([1, 1], "distinct"), ([], "non-empty"), ([0, 64], r"\[0, 64\)")):
     with pytest.raises(ValueError, match=message):
-      data.finetune_dataset(c, indices, local_device_count=1, batch_size=4)
+      pipelines.finetune_dataset(c, indices, local_device_count=1, batch_size=4)
 
 
 # ------------------------------------------------------------------ update step
@@ -263,7 +263,7 @@ def test_finetune_writes_results_and_a_reproducible_subset(fmnist, encoder, tmp_
   expected = sum(max(1, math.floor(0.25 * n + 0.5)) for n in counts)
   assert expected == 20 and results["subset_size"] == expected
   subset = [int(x) for x in (tmp_path / finetune.SUBSET_FILE).read_text().split()]
-  labels = data.split_labels(c)
+  labels = pipelines.split_labels(c)
   assert len(set(subset)) == expected
   assert np.bincount(labels[subset], minlength=CLASSES).tolist() == [2] * CLASSES
   assert results["steps"] == E2E_STEPS == math.ceil(0.8 * expected / BATCH)

@@ -26,11 +26,11 @@ import pytest
 
 import fakes
 from fake_gcs import gcs  # noqa: F401  (the emulator fixture)
-from byol_jax import checkpoint_reader
+from byol_jax.store import checkpoint_reader
 from byol_jax import config as config_lib
-from byol_jax import export
-from byol_jax import integrity
-from byol_jax import train
+from byol_jax.weights import export
+from byol_jax.store import integrity
+from byol_jax.training import train
 
 
 pytestmark = pytest.mark.xdist_group("gcs")

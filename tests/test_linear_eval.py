@@ -15,9 +15,9 @@ import pytest
 
 import fakes
 from byol_jax import config as config_lib
-from byol_jax import linear_eval
-from byol_jax import networks
-from byol_jax import pretrained as pretrained_lib
+from byol_jax.evaluation import linear_eval
+from byol_jax.model import networks
+from byol_jax.weights import pretrained as pretrained_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 8  # The 28-px fakes are resized to 8 px: the smallest compile.

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 import fakes
-from byol_jax import checkpoint
+from byol_jax.store import checkpoint
 from byol_jax import config as config_lib
-from byol_jax import integrity
-from byol_jax import loop
+from byol_jax.store import integrity
+from byol_jax.jobs import loop
 from byol_jax import parallel
-from byol_jax import train
+from byol_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "configs" / "byol_fashion_mnist.py")

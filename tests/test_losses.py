@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import losses
-from byol_jax import monitors
+from byol_jax.training import losses
+from byol_jax.training import monitors
 
 
 def _np_cos(a, b):

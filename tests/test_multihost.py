@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 
 import fakes
-from byol_jax import checkpoint
-from byol_jax import loop
-from byol_jax import run_config
+from byol_jax.store import checkpoint
+from byol_jax.jobs import loop
+from byol_jax.store import run_config
 
 # test_loop's helpers: the smoke config on the data set the tests write, restoring.
 from test_loop import RECIPE, ROOT, restore_final, smoke_config

@@ -1,4 +1,4 @@
-"""Tests of byol_jax.networks, .resnet and .layers: ResNet family, MLP heads, BYOL forward,
+"""Tests of byol_jax.model.networks, .resnet and .layers: ResNet family, MLP heads, BYOL forward,
 precision policies, convolutions and norms.
 
 Compile time dominates on CPU: the networks are tiny (width 1/16, 16 px, batch 2) and run
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from byol_jax import config as config_lib
-from byol_jax import layers as layers_lib
-from byol_jax import networks
+from byol_jax.model import layers as layers_lib
+from byol_jax.model import networks
 from byol_jax import parallel
-from byol_jax import resnet
+from byol_jax.model import resnet
 
 # RngBitGenerator keys compile far faster on CPU than threefry; values do not matter here.
 KEY = jax.random.key(0, impl="rbg")

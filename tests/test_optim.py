@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from byol_jax import config as config_lib
-from byol_jax import optim
+from byol_jax.training import optim
 
 ETA, WD, MOM = 1e-3, 1e-2, 0.9
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 import fakes
-from byol_jax import baselines
+from byol_jax.evaluation import baselines
 from byol_jax import cli
 from byol_jax import config as config_lib
-from byol_jax import data
-from byol_jax import finetune
-from byol_jax import linear_eval
-from byol_jax import networks
-from byol_jax import pretrained as pretrained_lib
+from byol_jax.data import pipelines
+from byol_jax.evaluation import finetune
+from byol_jax.evaluation import linear_eval
+from byol_jax.model import networks
+from byol_jax.weights import pretrained as pretrained_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 28  # Fashion-MNIST's own size: with eval_crop_fraction 1 the pipeline delivers the
@@ -41,7 +41,7 @@ def _informative_images(rng, labels):
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
   """Fashion-MNIST-format files whose pixels tell the class, built as a tfds data set."""
-  from byol_jax import prepare
+  from byol_jax.data import prepare
   root = tmp_path_factory.mktemp("pixels")
   rng = np.random.default_rng(0)
   arrays = {}
@@ -72,7 +72,7 @@ def recipe(data_dir, **linear):
 def delivered(c, split):
   """The images [N, H*W*C] in [0, 1] (float64) and labels of one pipeline pass, no padding."""
   images, labels = [], []
-  for batch in data.eval_dataset(c, split, local_device_count=1):
+  for batch in pipelines.eval_dataset(c, split, local_device_count=1):
     keep = np.asarray(batch["mask"]).reshape(-1).astype(bool)
     images.append(np.asarray(batch["image"]).reshape((keep.size, -1))[keep] / 255.0)
     labels.append(np.asarray(batch["label"]).reshape(-1)[keep])

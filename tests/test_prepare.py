@@ -1,4 +1,4 @@
-"""Tests of byol_jax.prepare: Fashion-MNIST idx files and image folders become tfds data
+"""Tests of byol_jax.data.prepare: Fashion-MNIST idx files and image folders become tfds data
 sets that tfds and data.py read like any other."""
 import pathlib
 
@@ -9,8 +9,8 @@ import tensorflow_datasets as tfds
 
 from fakes import write_fashion_mnist, write_idx
 from byol_jax import config as config_lib
-from byol_jax import data
-from byol_jax import prepare
+from byol_jax.data import pipelines
+from byol_jax.data import prepare
 
 tfds.disable_progress_bar()
 REAL_FASHION_MNIST = pathlib.Path(prepare.FASHION_MNIST_DIR)
@@ -58,15 +58,15 @@ def test_prepared_fashion_mnist_loads_with_tfds_features_and_the_idx_contents(tm
   c = config_lib.base_config()
   c.image_size, c.batch_size = 28, 5
   c.dataset.update(dict(name="fashion_mnist", data_dir=out, eval_split="test"))
-  assert data.num_channels(c) == 1
-  batch = next(data.eval_dataset(c, local_device_count=1))
+  assert pipelines.num_channels(c) == 1
+  batch = next(pipelines.eval_dataset(c, local_device_count=1))
   assert batch["image"].shape == (1, 5, 28, 28, 1) and batch["mask"].all()
   side = int(0.875 * 28)  # Centre crop 24 at offset 2, resized back to 28.
   crops = arrays["test"][0][:, 2:2 + side, 2:2 + side, None]
   expected = np.clip(np.round(tf.image.resize(crops, [28, 28], "bicubic")), 0, 255)
   assert as_multiset(batch["image"][0], batch["label"][0]) == as_multiset(
       expected.astype(np.uint8), arrays["test"][1])
-  view = next(data.pretrain_dataset(c, local_device_count=1))["view1"]
+  view = next(pipelines.pretrain_dataset(c, local_device_count=1))["view1"]
   assert view.shape == (1, 5, 28, 28, 1)
 
 
@@ -157,7 +157,7 @@ def test_image_folder_with_train_and_test_becomes_a_tfds_data_set(tmp_path):
   c = config_lib.base_config()
   c.image_size, c.batch_size = 8, 4
   c.dataset.update(dict(name="byol_test_folder", data_dir=report.data_dir))
-  it = data.eval_dataset(c, "train", local_device_count=1)
+  it = pipelines.eval_dataset(c, "train", local_device_count=1)
   batch = next(it)
   assert batch["mask"].sum() == 4 and it.skipped_images == 0  # PNG-named .jpg decodes.
   again = prepare.prepare_image_folder(str(root), "byol_test_folder", str(tmp_path / "tfds"))

@@ -16,11 +16,11 @@ import jax
 import numpy as np
 import pytest
 
-from byol_jax import checkpoint
+from byol_jax.store import checkpoint
 from byol_jax import parallel
-from byol_jax import pretrained
-from byol_jax import run_config
-from byol_jax import train
+from byol_jax.weights import pretrained
+from byol_jax.store import run_config
+from byol_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -179,7 +179,8 @@ def test_unknown_file_type_is_refused_showing_what_it_looked_like(tmp_path):
 
 def test_random_encoder_keeps_its_init_and_takes_batch_norm_statistics_from_the_data(tmp_path):
   import fakes
-  from byol_jax import linear_eval, networks
+  from byol_jax.evaluation import linear_eval
+  from byol_jax.model import networks
   c = tiny_config()
   c.dataset.data_dir = fakes.fashion_mnist_tfds(tmp_path)
   untouched = pretrained.random_init(c, bn_batches=0)

@@ -4,8 +4,8 @@ import tensorflow as tf
 
 import fakes
 from byol_jax import config as config_lib
-from byol_jax import prepare
-from byol_jax import preview
+from byol_jax.data import prepare
+from byol_jax.tools import preview
 
 
 def test_grid_png_places_every_tile_at_its_row_and_column():

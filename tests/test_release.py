@@ -24,11 +24,11 @@ import pytest
 import authors_reference as authors
 from fake_gcs import gcs  # noqa: F401  (fake-gcs-server fixture)
 from byol_jax import config as config_lib
-from byol_jax import export
-from byol_jax import export_formats
-from byol_jax import networks
-from byol_jax import pretrained
-from byol_jax import release
+from byol_jax.weights import export
+from byol_jax.weights import export_formats
+from byol_jax.model import networks
+from byol_jax.weights import pretrained
+from byol_jax.weights import release
 
 IMAGES = np.random.RandomState(3).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
 # Relative L2 deviation allowed between our encoder and theirs on the same weights. Both

@@ -24,9 +24,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from byol_jax import config as config_lib
-from byol_jax import layers as layers_lib
-from byol_jax import networks
-from byol_jax import resnet
+from byol_jax.model import layers as layers_lib
+from byol_jax.model import networks
+from byol_jax.model import resnet
 from test_configs import recipe
 from test_networks import KEY, fake_init, images, init_encoder, model_cfg, named_shapes
 from test_networks import shapes_of
@@ -106,7 +106,7 @@ def test_legacy_bool_builds_the_network_of_its_option(legacy, option):
 
 
 def test_legacy_config_json_loads_and_means_its_option():
-  from byol_jax import pretrained  # Local: the loader pulls in the checkpoint stack.
+  from byol_jax.weights import pretrained  # Local: the loader pulls in the checkpoint stack.
   for legacy, option in config_lib.LEGACY_ZERO_INITS.items():
     saved = json.loads(config_lib.base_config().to_json_best_effort())
     saved["model"]["zero_init_residual"] = legacy

@@ -3,7 +3,7 @@
 Resuming through the Checkpointer (refused and accepted changes, what config.json holds) is
 tested in test_checkpoint.py.
 """
-from byol_jax import run_config
+from byol_jax.store import run_config
 
 
 def test_config_mismatches_rule():

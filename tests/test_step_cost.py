@@ -10,7 +10,7 @@ import pytest
 
 import fakes
 from byol_jax import config as config_lib
-from byol_jax import loop
+from byol_jax.jobs import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

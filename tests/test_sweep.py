@@ -16,10 +16,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from byol_jax import augment
+from byol_jax.training import augment
 from byol_jax import config as config_lib
-from byol_jax import optim
-from byol_jax import sweep
+from byol_jax.training import optim
+from byol_jax.jobs import sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = {p.stem: str(p) for p in sorted((ROOT / "experiments").glob("*.py"))}

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import bench
+from byol_jax.tools import bench
 from byol_jax import config as config_lib
 from byol_jax import parallel
-from byol_jax import train
+from byol_jax.training import train
 
 GLOBAL_BATCH = 8
 # Steps 2, 4, ... (and the last, 10) are logged and compute the monitors; 1, 3, ... do not.
@@ -109,7 +109,7 @@ def test_no_gradient_reaches_the_target_params():
 
 
 def _local_forward(c):
-  from byol_jax import networks
+  from byol_jax.model import networks
   return networks.make_byol_network(c.model, c.dataset.num_classes, axis_name=None)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from byol_jax import writers
+from byol_jax.store import writers
 
 
 class FakeClock:

@@ -29,10 +29,10 @@ import ml_collections
 import numpy as np
 
 from byol_jax import config as config_lib
-from byol_jax import encoder_weights
-from byol_jax import files
-from byol_jax import networks
-from byol_jax import resnet
+from byol_jax.weights import encoder_weights
+from byol_jax.store import files
+from byol_jax.model import networks
+from byol_jax.model import resnet
 
 RELEASE_IMAGE_SIZE = 224  # Their ImageNet recipe; the file does not record it.
 

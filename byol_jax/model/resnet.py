@@ -13,7 +13,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from byol_jax import layers as layers_lib
+from byol_jax.model import layers as layers_lib
 
 Array = jax.Array
 

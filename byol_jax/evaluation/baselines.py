@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from byol_jax import encoder_weights
-from byol_jax import networks
+from byol_jax.weights import encoder_weights
+from byol_jax.model import networks
 
 PIXELS = "pixels"  # The `--pretrained` value, the Pretrained's source and model.encoder.
 MODULE = "pixels"  # The Haiku module holding the statistics: params[MODULE]['mean'|'std'].
@@ -35,16 +35,16 @@ def is_pixels(p: encoder_weights.Pretrained) -> bool:
 def pixel_statistics(c: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, int]:
   """Per-pixel mean and std of dataset.train_split as the evaluation pipeline delivers it.
 
-  Images are the centre crops of `data.eval_dataset` (uint8 / 255); the padding of the last
+  Images are the centre crops of `pipelines.eval_dataset` (uint8 / 255); the padding of the last
   batch (mask 0) is left out. Batches are combined with Chan et al.'s pairwise update in
   float64, so the result is NumPy's two-pass mean and (population) std up to rounding.
 
   Returns:
     mean [H*W*C], std [H*W*C] (float64, std not floored), number of images.
   """
-  from byol_jax import data  # Local: data pulls in TensorFlow.
+  from byol_jax.data import pipelines  # Local: data pulls in TensorFlow.
   count, mean, m2 = 0, None, None
-  for batch in data.eval_dataset(c, c.dataset.train_split, local_device_count=1):
+  for batch in pipelines.eval_dataset(c, c.dataset.train_split, local_device_count=1):
     images = np.asarray(batch["image"])
     keep = np.asarray(batch["mask"]).reshape(-1).astype(bool)
     x = images.reshape((keep.size, -1))[keep].astype(np.float64) / 255.0
@@ -75,14 +75,14 @@ def pixels_baseline(c: ml_collections.ConfigDict) -> encoder_weights.Pretrained:
     Pretrained with source 'pixels', step 0, model = a copy of c.model with encoder
     'pixels', params {'pixels': {'mean', 'std'}} (float32 [H*W*C]) and state {}.
   """
-  from byol_jax import data  # Local: data pulls in TensorFlow.
+  from byol_jax.data import pipelines  # Local: data pulls in TensorFlow.
   mean, std, _ = pixel_statistics(c)
   model = ml_collections.ConfigDict(c.model.to_dict())  # Not ConfigDict(c.model): shared refs.
   model.encoder = PIXELS
   params = {MODULE: dict(mean=mean.astype(np.float32),
                          std=np.where(std < STD_FLOOR, np.inf, std).astype(np.float32))}
   return encoder_weights.Pretrained(model=model, params=params, state={},
-                                    image_size=int(c.image_size), channels=data.num_channels(c),
+                                    image_size=int(c.image_size), channels=pipelines.num_channels(c),
                                     step=0, source=PIXELS)
 
 

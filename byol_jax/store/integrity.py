@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from byol_jax import files as file_io
+from byol_jax.store import files as file_io
 
 PyTree = Any
 

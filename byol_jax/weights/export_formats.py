@@ -29,9 +29,9 @@ from absl import logging
 import numpy as np
 import safetensors.numpy
 
-from byol_jax import encoder_weights
-from byol_jax import files
-from byol_jax import networks
+from byol_jax.weights import encoder_weights
+from byol_jax.store import files
+from byol_jax.model import networks
 
 FORMAT_VERSION = 1
 BYOL_JAX_FORMAT = "byol_jax.encoder"

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from byol_jax import losses
-from byol_jax import monitors
-from byol_jax import networks
-from byol_jax import optim
+from byol_jax.training import losses
+from byol_jax.training import monitors
+from byol_jax.model import networks
+from byol_jax.training import optim
 from byol_jax import parallel
 
 PyTree = Any
@@ -57,7 +57,7 @@ def make_deps(c: ml_collections.ConfigDict, augment_fn: AugmentFn | None = None)
   """
   from byol_jax import config as config_lib  # Local: keeps the import graph acyclic.
   if augment_fn is None:
-    from byol_jax import augment
+    from byol_jax.training import augment
     augment_fn = augment.augment_view
   optimizer, lr = optim.make_optimizer(c)
   tau = optim.tau_schedule(c.target.tau_base, config_lib.total_steps(c), c.target.schedule)

@@ -29,9 +29,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from byol_jax import crops
+from byol_jax.data import crops
 from byol_jax import parallel
-from byol_jax import sources
+from byol_jax.data import sources
 
 _SKIPPED = "_skipped"
 _MAX_EPOCHS = 1 << 40

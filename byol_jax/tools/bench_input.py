@@ -16,10 +16,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from byol_jax import crops
-from byol_jax import data
-from byol_jax import files
-from byol_jax import prepare
+from byol_jax.data import crops
+from byol_jax.data import pipelines
+from byol_jax.store import files
+from byol_jax.data import prepare
 
 BENCH_NAME = "byol_bench_jpegs"
 PHOTO_SHAPE = (375, 500)  # ImageNet's most common size (h, w); some are turned portrait.
@@ -98,13 +98,13 @@ def _map_variant(config, fn, batch: int):
                           read_config=tfds.ReadConfig(try_autocache=False))
   ds = ds.repeat().map(lambda ex: fn(ex["image"]), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
-  return iter(tfds.as_numpy(ds.with_options(data.tf_data_options(config, False))))
+  return iter(tfds.as_numpy(ds.with_options(pipelines.tf_data_options(config, False))))
 
 
 def _variants(config):
   """name -> per-image function of the JPEG bytes, for the bare map variants."""
   size = config.image_size
-  area, aspect = data.crop_ranges(config)
+  area, aspect = pipelines.crop_ranges(config)
 
   def window(hw):
     return crops.random_crop_window(hw, area, aspect)[None]
@@ -174,7 +174,7 @@ def input_benchmark(config, num_images: int = 512, workdir: str | None = None,
   runs = {name: [] for name in ("pipeline", *_variants(bench))}
   for _ in range(repeats):
     runs["pipeline"].append(_timed(
-        lambda: data.pretrain_dataset(bench, local_device_count=1), num_batches, batch))
+        lambda: pipelines.pretrain_dataset(bench, local_device_count=1), num_batches, batch))
     for name, fn in _variants(bench).items():
       runs[name].append(_timed(lambda: _map_variant(bench, fn, batch), num_batches, batch))
   if owned:

@@ -10,16 +10,16 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from byol_jax import augment
-from byol_jax import data
-from byol_jax import files
+from byol_jax.training import augment
+from byol_jax.data import pipelines
+from byol_jax.store import files
 
 _GAP = 2  # Pixels of white between tiles.
 
 
 def preview_rows(c: ml_collections.ConfigDict, num_images: int = 8, seed: int = 0) -> np.ndarray:
   """[num_images, 4, S, S, C] float32 in [0, 1]: crop 1, view 1, crop 2, view 2."""
-  source = data.pretrain_dataset(c, local_device_count=1)
+  source = pipelines.pretrain_dataset(c, local_device_count=1)
   batch = next(source)
   crops1, crops2 = batch["view1"][0][:num_images], batch["view2"][0][:num_images]
   keys = jax.random.split(jax.random.PRNGKey(seed), 2 * len(crops1))

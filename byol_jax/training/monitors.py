@@ -8,7 +8,7 @@ axis before they are combined, so the figures do not depend on how the batch is 
 import jax
 import jax.numpy as jnp
 
-from byol_jax import losses
+from byol_jax.training import losses
 
 _RELATIVE_EIG_FLOOR = 1e-6
 

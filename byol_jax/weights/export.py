@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from byol_jax import export_formats
-from byol_jax import files
-from byol_jax import networks
-from byol_jax import pretrained as pretrained_lib
+from byol_jax.weights import export_formats
+from byol_jax.store import files
+from byol_jax.model import networks
+from byol_jax.weights import pretrained as pretrained_lib
 
 
 # The format functions users reached through this module before they moved.

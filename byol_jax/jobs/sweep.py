@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from byol_jax import config as config_lib
-from byol_jax import files
+from byol_jax.store import files
 
 PrintFn = Callable[[str], None]
 PretrainFn = Callable[..., dict]  # (config, workdir, print_fn) -> result dict.
@@ -219,12 +219,12 @@ def final_metrics(by_step: Mapping[int, dict]) -> dict:
 
 
 def _default_pretrain(c, workdir, print_fn):
-  from byol_jax import loop  # Heavy (jax, tf): only when a run really starts.
+  from byol_jax.jobs import loop  # Heavy (jax, tf): only when a run really starts.
   return loop.pretrain(c, workdir, print_fn)
 
 
 def _default_linear_eval(c, pretrained, workdir, print_fn):
-  from byol_jax import linear_eval
+  from byol_jax.evaluation import linear_eval
   return linear_eval.run(c, pretrained=pretrained, workdir=workdir, print_fn=print_fn)
 
 

@@ -26,10 +26,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from byol_jax import files
-from byol_jax import integrity
+from byol_jax.store import files
+from byol_jax.store import integrity
 from byol_jax import parallel
-from byol_jax import run_config
+from byol_jax.store import run_config
 
 PyTree = Any
 

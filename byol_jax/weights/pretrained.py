@@ -21,12 +21,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from byol_jax import checkpoint_reader
-from byol_jax import encoder_weights
-from byol_jax import export_formats
-from byol_jax import files
-from byol_jax import release
-from byol_jax import run_config
+from byol_jax.store import checkpoint_reader
+from byol_jax.weights import encoder_weights
+from byol_jax.weights import export_formats
+from byol_jax.store import files
+from byol_jax.weights import release
+from byol_jax.store import run_config
 
 # The types every reader returns, re-exported: callers know this module only.
 ENCODER_PREFIX = encoder_weights.ENCODER_PREFIX
@@ -59,7 +59,7 @@ def load_workdir(workdir: str) -> Pretrained:
   Raises:
     FileNotFoundError: no config.json or no checkpoint. RuntimeError: none intact.
   """
-  from byol_jax import train  # Local: train pulls in the optimiser stack.
+  from byol_jax.training import train  # Local: train pulls in the optimiser stack.
   config_path = files.join(workdir, run_config.CONFIG_FILE)
   if not files.is_file(config_path):
     raise FileNotFoundError(f"{config_path} not found: {workdir} is not a pretraining workdir "
@@ -140,14 +140,15 @@ def random_init(c: ml_collections.ConfigDict, bn_batches: int = 50) -> Pretraine
   Returns:
     Pretrained with source 'random' and step 0.
   """
-  from byol_jax import data, networks  # Local: data pulls in TensorFlow.
+  from byol_jax.data import pipelines  # Local: data pulls in TensorFlow.
+  from byol_jax.model import networks
   net = networks.make_encoder_network(c.model)
-  channels = data.num_channels(c)
+  channels = pipelines.num_channels(c)
   dummy = np.zeros((2, c.image_size, c.image_size, channels), np.float32)
   params, state = net.init(jax.random.PRNGKey(c.seed + 1), dummy, is_training=True)
   update = jax.jit(lambda s, x: net.apply(params, s, None, x, is_training=True)[1])
   if bn_batches > 0:
-    source = data.eval_dataset(c, c.dataset.train_split, local_device_count=1)
+    source = pipelines.eval_dataset(c, c.dataset.train_split, local_device_count=1)
     for i, batch in enumerate(source):
       if i == bn_batches:
         break
@@ -166,7 +167,7 @@ def resolve(c: ml_collections.ConfigDict, spec: "str | os.PathLike | Pretrained"
     return spec
   if os.fspath(spec) == RANDOM:
     return random_init(c)
-  from byol_jax import baselines  # Local: it pulls in the networks.
+  from byol_jax.evaluation import baselines  # Local: it pulls in the networks.
   if os.fspath(spec) == baselines.PIXELS:
     return baselines.pixels_baseline(c)
   return load(spec)

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from byol_jax import augment
-from byol_jax import data
-from byol_jax import losses
+from byol_jax.training import augment
+from byol_jax.data import pipelines
+from byol_jax.training import losses
 from byol_jax import parallel
 
 
@@ -121,7 +121,7 @@ def extract_features(feature_fn, params: hk.Params, state: hk.State,
     feature_fn: from `make_pmapped_features`.
     params, state: replicated over the local devices.
     batches: dicts with image [L, b, H, W, C], label [L, b], mask [L, b] (1 real,
-      0 padding), e.g. `data.eval_dataset` (optionally through `data.device_prefetch`).
+      0 padding), e.g. `pipelines.eval_dataset` (optionally through `pipelines.device_prefetch`).
 
   Returns:
     features [N, D] float32 and labels [N] int32 as host NumPy arrays; N counts the real
@@ -159,11 +159,11 @@ def split_features(c: ml_collections.ConfigDict, feature_fn, params: hk.Params,
   Returns:
     features [N, D], labels [N] (host NumPy, dataset order).
   """
-  batches = data.eval_dataset(c, split, process_index=jax.process_index(),
+  batches = pipelines.eval_dataset(c, split, process_index=jax.process_index(),
                               process_count=jax.process_count(),
                               local_device_count=jax.local_device_count(),
                               batch_size=batch_size)
-  return extract_features(feature_fn, params, state, data.device_prefetch(batches))
+  return extract_features(feature_fn, params, state, pipelines.device_prefetch(batches))
 
 
 # ------------------------------------------------------------------------------ kNN

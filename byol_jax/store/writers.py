@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from byol_jax import files
+from byol_jax.store import files
 
 METRICS_FILE = "metrics.jsonl"
 

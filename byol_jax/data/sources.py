@@ -19,7 +19,7 @@ import dataclasses
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from byol_jax import prepare
+from byol_jax.data import prepare
 
 SPLIT_ALIASES = ("train_minus_val", "val_from_train")
 DEFAULT_CACHE_MAX_BYTES = 2 * 1024**3
@@ -35,14 +35,14 @@ def how_to_prepare(name: str, data_dir: str | None) -> str:
   head = f"data set {name!r} is not prepared in {where}."
   if name == "fashion_mnist":
     return (f"{head} Build it from the idx files: `byol-jax prepare-data fashion_mnist` "
-            f"(byol_jax.prepare.prepare_fashion_mnist; the files come with "
+            f"(byol_jax.data.prepare.prepare_fashion_mnist; the files come with "
             f"`apt-get install dataset-fashion-mnist`, in {prepare.FASHION_MNIST_DIR}); pass the "
             "same data_dir to it and to --config.dataset.data_dir.")
   try:
     builder_cls = tfds.builder_cls(name)
   except tfds.core.registered.DatasetNotFoundError:
     return (f"{head} No tfds builder has that name either: for a folder of class "
-            "subfolders run byol_jax.prepare.prepare_image_folder(root, name, data_dir), "
+            "subfolders run byol_jax.data.prepare.prepare_image_folder(root, name, data_dir), "
             "or check config.dataset.name and config.dataset.data_dir.")
   text = (f"{head} Prepare it with `tfds build {name} --data_dir=DIR` or "
           f"tfds.builder({name!r}, data_dir=DIR).download_and_prepare().")

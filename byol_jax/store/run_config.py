@@ -11,7 +11,7 @@ import jax
 import ml_collections
 
 from byol_jax import config as config_lib
-from byol_jax import files as file_io
+from byol_jax.store import files as file_io
 
 CONFIG_FILE = "config.json"
 

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from byol_jax import networks
+from byol_jax.model import networks
 from byol_jax import parallel
-from byol_jax import train
+from byol_jax.training import train
 
 
 def _encoder_baseline(c: ml_collections.ConfigDict) -> Callable:

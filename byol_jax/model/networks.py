@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 
 from byol_jax import config as config_lib
-from byol_jax import layers as layers_lib
-from byol_jax import resnet
+from byol_jax.model import layers as layers_lib
+from byol_jax.model import resnet
 
 Array = jax.Array
 

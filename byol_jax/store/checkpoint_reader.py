@@ -12,9 +12,9 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from byol_jax import checkpoint
-from byol_jax import files
-from byol_jax import integrity
+from byol_jax.store import checkpoint
+from byol_jax.store import files
+from byol_jax.store import integrity
 
 PyTree = Any
 

@@ -20,16 +20,16 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from byol_jax import checkpoint
+from byol_jax.store import checkpoint
 from byol_jax import config as config_lib
-from byol_jax import data
-from byol_jax import evaluate
-from byol_jax import files
+from byol_jax.data import pipelines
+from byol_jax.evaluation import evaluate
+from byol_jax.store import files
 from byol_jax import parallel
-from byol_jax import run_config
-from byol_jax import sources
-from byol_jax import train
-from byol_jax import writers
+from byol_jax.store import run_config
+from byol_jax.data import sources
+from byol_jax.training import train
+from byol_jax.store import writers
 
 
 class NonFiniteError(RuntimeError):
@@ -233,7 +233,7 @@ def _close_after_local_failure(ckpt: checkpoint.Checkpointer) -> None:
 
 
 def _evaluate(c, eval_fn, state) -> dict:
-  batches = data.device_prefetch(data.eval_dataset(
+  batches = pipelines.device_prefetch(pipelines.eval_dataset(
       c, process_index=jax.process_index(), process_count=jax.process_count(),
       local_device_count=jax.local_device_count()))
   return evaluate.probe_accuracy(eval_fn, state.online_params, state.online_state, batches)
@@ -270,7 +270,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
   total = config_lib.total_steps(c)
   deps = train.make_deps(c)
   init_key, aug_key = jax.random.split(jax.random.PRNGKey(c.seed))
-  fresh = train.init_state(c, deps, init_key, data.num_channels(c))
+  fresh = train.init_state(c, deps, init_key, pipelines.num_channels(c))
   state = parallel.replicate(fresh)
   ckpt = checkpoint.Checkpointer.from_config(workdir, c)
   restored = ckpt.restore_or_none(state, c)
@@ -279,10 +279,10 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
     state = restored[1]
     logging.info("resumed from step %d of %s", start, workdir)
   _agree_on_start(start)
-  source = data.pretrain_dataset(c, process_index=jax.process_index(),
+  source = pipelines.pretrain_dataset(c, process_index=jax.process_index(),
                                  process_count=jax.process_count(),
                                  local_device_count=jax.local_device_count(), start_step=start)
-  batches = data.device_prefetch(source)
+  batches = pipelines.device_prefetch(source)
   update = train.make_pmapped_update(deps)
   eval_fn = evaluate.make_pmapped_probe_eval(deps.forward)
   knn_fn = (evaluate.make_pmapped_features(deps.forward, "representation")

@@ -3,7 +3,7 @@ trained on a class-balanced labelled subset of the train split, reported on the 
 
 The recipe follows the BYOL paper (Appendix C.1, after SimCLR): the network starts from
 the pretrained encoder; training images get a random-resized crop and a horizontal flip
-only (data.finetune_dataset), test images the centre crop of data.eval_dataset; both are
+only (pipelines.finetune_dataset), test images the centre crop of pipelines.eval_dataset; both are
 standardised inside the network. Cross-entropy, SGD with Nesterov momentum 0.9, batch
 1024, no weight decay or other regularisation (config.finetune). Batch norm runs in
 training mode with statistics synchronised across devices, and its moving averages are
@@ -34,17 +34,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from byol_jax import augment
-from byol_jax import baselines
+from byol_jax.training import augment
+from byol_jax.evaluation import baselines
 from byol_jax import config as config_lib
-from byol_jax import data
-from byol_jax import files
-from byol_jax import losses
-from byol_jax import networks
-from byol_jax import optim
+from byol_jax.data import pipelines
+from byol_jax.store import files
+from byol_jax.training import losses
+from byol_jax.model import networks
+from byol_jax.training import optim
 from byol_jax import parallel
-from byol_jax import sources
-from byol_jax import writers
+from byol_jax.data import sources
+from byol_jax.store import writers
 
 RESULTS_FILE = "results.json"
 SUBSET_FILE = "subset.txt"
@@ -289,7 +289,7 @@ def choose_subset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, int]:
     num_examples = sources.open_split(c, c.dataset.train_split).total_examples
     return read_subset_file(c.finetune.subset_file, num_examples), num_examples
   check_fraction(c.finetune.label_fraction)
-  labels = data.split_labels(c, c.dataset.train_split)
+  labels = pipelines.split_labels(c, c.dataset.train_split)
   return balanced_subset(labels, c.finetune.label_fraction, c.seed), int(labels.size)
 
 
@@ -321,7 +321,7 @@ def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
   config_lib.validate(c)
   c = sources.resolve_dataset(c, reads=("eval",))
   ft = c.finetune
-  check_compatible(c, pretrained, data.num_channels(c))
+  check_compatible(c, pretrained, pipelines.num_channels(c))
   parallel.per_device_batch(ft.batch_size)  # Fails early, naming both numbers.
   subset, num_train = choose_subset(c)
   total = max(1, math.ceil(ft.num_epochs * subset.size / ft.batch_size))
@@ -337,11 +337,11 @@ def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
                local_device_count=jax.local_device_count())
   with writers.MetricWriter(workdir, total, images_per_step=ft.batch_size,
                             print_fn=print_fn) as writer:
-    batches = data.device_prefetch(data.finetune_dataset(c, subset, batch_size=ft.batch_size,
+    batches = pipelines.device_prefetch(pipelines.finetune_dataset(c, subset, batch_size=ft.batch_size,
                                                          **local))
     state, last = _train(c, deps, state, batches, total, writer)
     train_seconds = time.monotonic() - start
-    scores = evaluate(deps, state, data.device_prefetch(data.eval_dataset(
+    scores = evaluate(deps, state, pipelines.device_prefetch(pipelines.eval_dataset(
         c, c.dataset.eval_split, batch_size=ft.batch_size, **local)))
     writer.write(total, {f"test_{k}": v for k, v in scores.items()})
 
@@ -390,5 +390,5 @@ def run(c: ml_collections.ConfigDict, pretrained: str, workdir: str,
     FileNotFoundError: the pretrained path or subset file does not exist.
   """
   check_has_encoder(pretrained)
-  from byol_jax import pretrained as pretrained_lib  # Local: it pulls in the checkpoint stack.
+  from byol_jax.weights import pretrained as pretrained_lib  # Local: it pulls in the checkpoint stack.
   return finetune(c, pretrained_lib.resolve(c, pretrained), workdir, print_fn, pretrained)

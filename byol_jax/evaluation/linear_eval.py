@@ -25,17 +25,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from byol_jax import augment
-from byol_jax import baselines
+from byol_jax.training import augment
+from byol_jax.evaluation import baselines
 from byol_jax import config as config_lib
-from byol_jax import data
-from byol_jax import evaluate
-from byol_jax import files
-from byol_jax import losses
+from byol_jax.data import pipelines
+from byol_jax.evaluation import evaluate
+from byol_jax.store import files
+from byol_jax.training import losses
 from byol_jax import parallel
-from byol_jax import pretrained as pretrained_lib
-from byol_jax import sources
-from byol_jax import writers
+from byol_jax.weights import pretrained as pretrained_lib
+from byol_jax.data import sources
+from byol_jax.store import writers
 
 RESULTS_FILE = "results.json"
 KNN_FILE = "knn.json"
@@ -193,11 +193,11 @@ def train_augmented(c: ml_collections.ConfigDict, step_fn, enc_params, enc_state
   per_epoch, total = _schedule(num_examples, c)
   optimizer = make_optimizer(c.linear.momentum, c.linear.nesterov, c.linear.weight_decay)
   lin = parallel.replicate(init_linear(dim, c.dataset.num_classes, optimizer))
-  source = data.linear_train_dataset(c, split=split, process_index=jax.process_index(),
+  source = pipelines.linear_train_dataset(c, split=split, process_index=jax.process_index(),
                                      process_count=jax.process_count(),
                                      local_device_count=jax.local_device_count(),
                                      batch_size=c.linear.batch_size)
-  batches, loss = data.device_prefetch(source), float("nan")
+  batches, loss = pipelines.device_prefetch(source), float("nan")
   for step in range(1, total + 1):
     lin, loss = step_fn(lin, enc_params, enc_state, next(batches), jnp.float32(lr),
                         jnp.int32(total))
@@ -241,7 +241,7 @@ def load_checked(c: ml_collections.ConfigDict, pretrained) -> pretrained_lib.Pre
     raise ValueError(f"the pretrained encoder was trained on {p.image_size}-px images but "
                      f"config.image_size={c.image_size}; pass --config.image_size={p.image_size} "
                      "(or the recipe it was pretrained with).")
-  channels = data.num_channels(c)
+  channels = pipelines.num_channels(c)
   if channels != int(p.channels):
     raise ValueError(f"the pretrained encoder takes {p.channels}-channel images but "
                      f"{c.dataset.name} gives {channels}; pass "

@@ -1,0 +1,1 @@
+"""Evaluation of a frozen or fine-tuned encoder: features, kNN, linear protocol, fine-tuning, baselines."""

@@ -1,0 +1,1 @@
+"""Host-side jobs: the pretraining loop and sweeps."""

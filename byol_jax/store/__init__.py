@@ -1,0 +1,1 @@
+"""Storage: every user path as a URL, atomic writes, checkpoints, run configs, metric writers."""

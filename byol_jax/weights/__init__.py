@@ -1,0 +1,1 @@
+"""Encoder weights: the Pretrained type, loading any source, the authors' release, exports."""
