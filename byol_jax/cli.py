@@ -1,26 +1,44 @@
 """The `byol-jax` command: subcommands, flag parsing and dispatch.
 
 The only module that defines flags. Each subcommand is a small function that reads
-flags and calls the library; no maths here. Bad input exits non-zero with one line on
-stderr.
+flags and calls the library; no maths here. Bad input exits 2 with its whole message on
+stderr and no traceback; `byol-jax --help` and `byol-jax COMMAND --help` print usage.
 """
 import json
 import logging as std_logging
 import os
 import pickle
 import sys
+import textwrap
 import traceback
 from typing import Callable
 
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
+
+from byol_jax import config as config_lib
+from byol_jax.data import prepare
+from byol_jax.data import sources
+from byol_jax.evaluation import baselines
+from byol_jax.evaluation import finetune
+from byol_jax.evaluation import linear_eval
+from byol_jax.jobs import loop
+from byol_jax.jobs import sweep
+from byol_jax.store import files
+from byol_jax.tools import bench
+from byol_jax.tools import bench_input
+from byol_jax.tools import preview
+from byol_jax.weights import export
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/byol_imagenet.py[:arg]; fields are overridden "
     "with --config.key=value.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard.")
+flags.DEFINE_string("workdir", None, "Run directory: pretrain writes checkpoints, metrics.jsonl "
+                    "and TensorBoard events here, linear-eval/knn/finetune their results, sweep "
+                    "one subdirectory per run; export reads the pretraining run in it.")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS; on "
                     "Cloud TPU leave unset and pass --distributed).")
@@ -38,7 +56,7 @@ flags.DEFINE_string("source", None, "prepare-data: directory with the raw files.
 flags.DEFINE_string("data_dir", None, "prepare-data: tfds data directory to write (default: "
                     "tfds's, ~/tensorflow_datasets or $TFDS_DATA_DIR).")
 flags.DEFINE_string("name", None, "prepare-data image_folder: tfds name for the data set.")
-flags.DEFINE_string("out", None, "preview: the PNG file to write.")
+flags.DEFINE_string("out", None, "The file to write: preview's PNG, export's encoder.")
 flags.DEFINE_integer("num_images", 8, "preview: training images (rows) to show.")
 flags.DEFINE_integer("bench_steps", 5, "bench: timed steps per round.")
 flags.DEFINE_integer("bench_rounds", 3, "bench: alternating timing rounds.")
@@ -86,7 +104,25 @@ commands:
                                        the online encoder for transfer
   sweep experiments/FILE.py --base=configs/RECIPE.py[:arg] --workdir=DIR [--print_commands]
         [--config.key=value ...]       run or resume every run of a sweep, evaluate, tabulate
+
+`byol-jax COMMAND --help` lists a command's flags.
 """
+
+# The flags each command reads, in the order its --help lists them.
+_MULTIHOST = ("coordinator_address", "num_processes", "process_id", "distributed",
+              "initialization_timeout", "heartbeat_timeout")
+_EVALUATION_FLAGS = ("config", "pretrained", "workdir")
+COMMAND_FLAGS = {
+    "pretrain": ("config", "workdir", *_MULTIHOST),
+    "prepare-data": ("source", "name", "data_dir"),
+    "preview": ("config", "out", "num_images"),
+    "bench": ("config", "bench_steps", "bench_rounds", "channels", "memory_budget_gb"),
+    "linear-eval": _EVALUATION_FLAGS,
+    "knn": _EVALUATION_FLAGS,
+    "finetune": _EVALUATION_FLAGS,
+    "export": ("workdir", "from_release", "out", "format"),
+    "sweep": ("base", "workdir", "print_commands"),
+}
 
 
 class UsageError(ValueError):
@@ -96,20 +132,17 @@ class UsageError(ValueError):
 def _config():
   if FLAGS.config is None:
     raise UsageError("--config is required, e.g. --config=configs/byol_imagenet.py")
-  from byol_jax import config as config_lib
   return config_lib.validate(FLAGS.config)
 
 
 def _config_for_data():
   """The recipe with sizes and classes from its data set, its train split checked."""
-  from byol_jax.data import sources
   return sources.resolve_dataset(_config(), reads=())
 
 
 def _config_for_synthetic():
   """The recipe for benchmarks on synthetic data: resolved from its data set when that is
   prepared; else its sizes must be given, since the schedules and the probe need them."""
-  from byol_jax.data import sources
   c = _config()
   try:
     return sources.resolve_dataset(c, reads=())
@@ -134,7 +167,6 @@ def _maybe_initialize_distributed() -> None:
   JAX distributed service detected fatal errors"); when process 0 itself dies, the others
   terminate as soon as their next heartbeat fails.
   """
-  import jax
   address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if address is None and not FLAGS.distributed:
     return
@@ -159,9 +191,7 @@ def _pretrain(args: list[str]) -> None:
     raise UsageError("--workdir is required: where checkpoints and logs go.")
   c = _config()
   _maybe_initialize_distributed()
-  from byol_jax.jobs import loop
   result = loop.pretrain(c, FLAGS.workdir)
-  import jax
   if jax.process_index() == 0:
     state = "stopped early (preempted); rerun the same command to resume" if result["preempted"] else "done"
     print(f"pretrain {state} at step {result['step']}.")
@@ -173,7 +203,6 @@ def _pretrain(args: list[str]) -> None:
 
 
 def _prepare_data(args: list[str]) -> None:
-  from byol_jax.data import prepare
   if args == ["fashion_mnist"]:
     kwargs = {"data_dir": FLAGS.data_dir}
     if FLAGS.source:
@@ -194,7 +223,6 @@ def _prepare_data(args: list[str]) -> None:
 def _preview(args: list[str]) -> None:
   if args or not FLAGS.out:
     raise UsageError("usage: byol-jax preview --config=FILE --out=views.png [--num_images=8]")
-  from byol_jax.tools import preview
   path = preview.write_preview(_config_for_data(), FLAGS.out, FLAGS.num_images)
   print(f"wrote {path}: rows of [crop 1 | view 1 | crop 2 | view 2]")
 
@@ -202,14 +230,11 @@ def _preview(args: list[str]) -> None:
 def _bench(args: list[str]) -> None:
   what = args[0] if args else None
   if what == "step":
-    from byol_jax.tools import bench
     figures = bench.step_benchmark(_config_for_synthetic(), FLAGS.bench_steps, FLAGS.bench_rounds,
                                    FLAGS.channels)
   elif what == "input":
-    from byol_jax.tools import bench_input
     figures = bench_input.input_benchmark(_config())
   elif what == "memory":
-    from byol_jax.tools import bench
     figures = bench.memory_benchmark(_config_for_synthetic(), FLAGS.memory_budget_gb,
                                      FLAGS.channels)
   else:
@@ -217,14 +242,12 @@ def _bench(args: list[str]) -> None:
   print(json.dumps(figures))
 
 
-# The --pretrained words that are no path (pretrained.RANDOM, baselines.PIXELS; not imported
-# here: the command starts without jax).
-_BASELINES = ("random", "pixels")
+# The --pretrained words that are no path.
+_BASELINES = (baselines.RANDOM, baselines.PIXELS)
 
 
 def _check_urls() -> None:
   """Refuses a path flag whose URL scheme no filesystem here handles, before any work."""
-  from byol_jax.store import files
   for name in ("workdir", "out", "from_release", "pretrained"):
     value = getattr(FLAGS, name)
     if value and not (name == "pretrained" and value in _BASELINES):
@@ -240,14 +263,13 @@ def _require(**named) -> None:
     raise UsageError(f"{' and '.join(missing)} required; see `byol-jax help`.")
 
 
-def _evaluation(module_name: str, function: str):
+def _evaluation(module, function: str):
   def command(args: list[str]) -> None:
     if args:
       raise UsageError(f"unexpected positional arguments {args}.")
     _require(pretrained=FLAGS.pretrained, workdir=FLAGS.workdir)
     c = _config()
-    import importlib
-    module = importlib.import_module(f"byol_jax.evaluation.{module_name}")
+    # Looked up per call, so a test's stand-in for the function is the one that runs.
     getattr(module, function)(c, FLAGS.pretrained, FLAGS.workdir)
   return command
 
@@ -259,7 +281,6 @@ def _export(args: list[str]) -> None:
     raise UsageError("export needs exactly one of --workdir=DIR (a pretraining run) and "
                      "--from_release=FILE.pkl (an authors' release checkpoint).")
   _require(out=FLAGS.out)
-  from byol_jax.weights import export
   path = export.export(FLAGS.workdir or FLAGS.from_release, FLAGS.out, FLAGS.format)
   print(f"wrote {path} ({FLAGS.format} format)")
 
@@ -269,7 +290,6 @@ def _sweep(args: list[str], overrides: list[str]) -> None:
     raise UsageError("usage: byol-jax sweep experiments/FILE.py --base=configs/RECIPE.py "
                      "--workdir=DIR [--print_commands] [--config.key=value ...]")
   _require(base=FLAGS.base, workdir=FLAGS.workdir)
-  from byol_jax.jobs import sweep
   status = sweep.main_like(args[0], FLAGS.base, FLAGS.workdir, overrides=overrides,
                            print_commands=FLAGS.print_commands)
   if status:
@@ -277,9 +297,9 @@ def _sweep(args: list[str], overrides: list[str]) -> None:
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "linear-eval": _evaluation("linear_eval", "run"),
-    "knn": _evaluation("linear_eval", "knn_run"),
-    "finetune": _evaluation("finetune", "run"),
+    "linear-eval": _evaluation(linear_eval, "run"),
+    "knn": _evaluation(linear_eval, "knn_run"),
+    "finetune": _evaluation(finetune, "run"),
     "export": _export,
     "pretrain": _pretrain,
     "prepare-data": _prepare_data,
@@ -296,10 +316,50 @@ def _underscored(arg: str) -> str:
   return "--" + name.replace("-", "_") + eq + value
 
 
+def _help_request(argv: list[str]) -> str | None:
+  """What `argv` asks help for: None (no help), '' (the command list) or a command's name.
+
+  Read before absl parses the flags: absl defines no --help flag of its own here, and a
+  command's help must print even when its other flags are incomplete.
+  """
+  args = argv[1:]
+  if args[:1] == ["help"]:
+    return args[1] if len(args) > 1 else ""
+  if not any(a in ("-h", "--help") for a in args):
+    return None
+  words = [a for a in args if not a.startswith("-")]
+  return words[0] if words else ""
+
+
+def command_usage(command: str) -> str:
+  """A command's usage lines from USAGE, then each flag it reads with its help."""
+  if command not in COMMAND_FLAGS:
+    raise UsageError(f"unknown command {command!r}; valid: {sorted(COMMAND_FLAGS)}.")
+  lines, mine = [], False
+  for line in USAGE.splitlines():
+    if not line.startswith(" "):  # A heading or a note: no command's line.
+      mine = False
+    elif not line.startswith("   "):  # A command's first line (two spaces).
+      mine = line.split()[0] == command
+    if mine and line.strip():
+      lines.append(line)
+  lines = ["usage: byol-jax " + lines[0].strip(), *lines[1:], "", "flags:"]
+  for name in COMMAND_FLAGS[command]:
+    flag = FLAGS[name]
+    default = "" if flag.default in (None, False) else f" (default: {flag.default})"
+    lines.append(textwrap.fill(f"--{name}: {flag.help}{default}", width=92,
+                               initial_indent="  ", subsequent_indent="      "))
+  return "\n".join(lines)
+
+
 def run(argv: list[str]) -> None:
   """Parses `argv` (program name first) and runs the subcommand; raises on bad input."""
   FLAGS.unparse_flags()  # Each run starts from the defaults (run() may be called repeatedly).
   argv = [_underscored(a) for a in argv]
+  help_for = _help_request(argv)
+  if help_for is not None:
+    print(command_usage(help_for) if help_for else USAGE)
+    return
   sweep_overrides = []
   if "sweep" in argv[1:2]:
     # A sweep has no --config file of its own: its --config.key=value flags apply to every
@@ -315,9 +375,6 @@ def run(argv: list[str]) -> None:
                      "those of the recipe (see byol_jax/config.py).") from None
   except TypeError as e:  # ml_collections: a value of the wrong type for its field.
     raise UsageError(f"bad --config.* value: {e}") from None
-  if len(positional) >= 2 and positional[1] in ("help", "-h", "--help"):
-    print(USAGE)
-    return
   if len(positional) < 2:
     raise UsageError("no command given; `byol-jax help` lists the commands.")
   command = positional[1]
@@ -341,23 +398,22 @@ def _exit_multiprocess_job(status: int) -> None:
   """Exits at once when this is one process of several: a normal exit would wait in
   jax.distributed.shutdown's barrier for peers that may be stuck in a collective; this
   way the coordination service sees the process gone and stops the peers too."""
-  jax = sys.modules.get("jax")  # Not imported yet: no job to stop.
-  if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+  if jax.distributed.is_initialized() and jax.process_count() > 1:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> None:
-  """Console entry point: exit 0 on success, 2 with one stderr line on bad input, 1 on
-  any other error (with its traceback)."""
+  """Console entry point: exit 0 on success, 2 on bad input (its whole message on stderr,
+  no traceback: a refused resume names each field, both values and the fix on lines of
+  their own), 1 on any other error (with its traceback)."""
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").addFilter(_DropDeprecationNotices())
   try:
     run(list(sys.argv if argv is None else argv))
   except (UsageError, ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"byol-jax: error: {first_line}", file=sys.stderr)
+    print(f"byol-jax: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
     _exit_multiprocess_job(2)
     sys.exit(2)
   except Exception:  # pylint: disable=broad-except

@@ -4,7 +4,6 @@ Recipes in configs/ start from `base_config()` and override fields; `validate` r
 bad values before any work starts, naming the field and the valid choices.
 Field names are a stable contract (see DESIGN.md); add fields, never rename.
 """
-import copy
 import hashlib
 import json
 
@@ -271,25 +270,6 @@ def resolve_zero_init(value) -> str:
     return value
   raise ValueError(f"config.model.zero_init_residual={value!r} is not valid; choose one of "
                    f"{list(ZERO_INITS)} (the legacy False / True mean 'none' / 'all').")
-
-
-def upgrade_saved(saved: dict) -> dict:
-  """A config.json dict with legacy values replaced by what they mean today.
-
-  For comparing a saved config with a current one: model.zero_init_residual's false / true
-  become 'none' / 'all'. Loading needs no upgrade (the schema takes the legacy values).
-
-  Args:
-    saved: a parsed config.json (nested dicts); not modified.
-
-  Returns:
-    A deep copy with the legacy values replaced.
-  """
-  out = copy.deepcopy(saved)
-  model = out.get("model")
-  if isinstance(model, dict) and isinstance(model.get("zero_init_residual"), bool):
-    model["zero_init_residual"] = resolve_zero_init(model["zero_init_residual"])
-  return out
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str):

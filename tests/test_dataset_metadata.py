@@ -20,7 +20,7 @@ from byol_jax.evaluation import finetune
 from byol_jax.evaluation import linear_eval
 from byol_jax.jobs import loop
 from byol_jax.data import prepare
-from byol_jax.weights import pretrained as pretrained_lib
+from byol_jax.weights import encoder_weights
 from byol_jax.store import run_config
 from byol_jax.data import sources
 
@@ -181,7 +181,7 @@ def test_jobs_stop_before_creating_the_workdir(folder, fmnist, tmp_path):
   with pytest.raises(ValueError, match="num_classes=2 contradicts"):
     linear_eval.knn_run(on_folder(folder, **{"dataset.num_classes": 2}), "random",
                         str(workdir), print_fn=pytest.fail)
-  encoder = pretrained_lib.Pretrained(config_lib.base_config().model, {}, {}, 32, 3, 0, "x")
+  encoder = encoder_weights.Pretrained(config_lib.base_config().model, {}, {}, 32, 3, 0, "x")
   with pytest.raises(ValueError, match="num_train_examples=1281167 contradicts"):
     finetune.finetune(on_folder(folder, **{"dataset.num_train_examples": 1_281_167}),
                       encoder, str(workdir), print_fn=pytest.fail)

@@ -18,6 +18,7 @@ from torch import nn
 import authors_reference
 from byol_jax import config as config_lib
 from byol_jax.weights import export
+from byol_jax.weights import encoder_weights
 from byol_jax.weights import export_formats
 from byol_jax.model import networks
 from byol_jax.weights import pretrained
@@ -246,7 +247,7 @@ def random_pretrained(encoder_name, padding="symmetric", seed=0, **model):
   shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0),
                                            np.zeros((1, 32, 32, 3), np.float32), True))
   params, state = authors_reference.random_values(shapes, seed)
-  return pretrained.Pretrained(c.model, params, state, 32, 3, 11, "workdir")
+  return encoder_weights.Pretrained(c.model, params, state, 32, 3, 11, "workdir")
 
 
 def torch_representation(p, path, images):
@@ -299,7 +300,7 @@ def test_torchvision_bn_counter_becomes_num_batches_tracked():
 def test_torchvision_refuses_what_it_cannot_express(model, reason, tmp_path):
   c = config_lib.base_config()
   c.model.update(model)
-  p = pretrained.Pretrained(c.model, {}, {}, 32, 3, 0, "workdir")
+  p = encoder_weights.Pretrained(c.model, {}, {}, 32, 3, 0, "workdir")
   with pytest.raises(ValueError, match=f"cannot export to torchvision.*{reason}"):
     export.write(p, str(tmp_path / "x"), "torchvision")
   assert not (tmp_path / "x").exists()

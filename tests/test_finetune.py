@@ -22,7 +22,7 @@ from byol_jax.evaluation import finetune
 from byol_jax.model import networks
 from byol_jax import parallel
 from byol_jax.data import prepare
-from byol_jax.weights import pretrained as pretrained_lib
+from byol_jax.weights import encoder_weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE, CHANNELS, CLASSES, BATCH = 8, 1, 10, 8
@@ -66,7 +66,7 @@ def encoder():
   params, state = net.init(jax.random.PRNGKey(1), jnp.zeros((2, SIZE, SIZE, CHANNELS)),
                            is_training=True)
   host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
-  return pretrained_lib.Pretrained(model=model, params=host(params), state=host(state),
+  return encoder_weights.Pretrained(model=model, params=host(params), state=host(state),
                                    image_size=SIZE, channels=CHANNELS, step=7, source="workdir")
 
 

@@ -29,6 +29,7 @@ from fake_gcs import gcs  # noqa: F401  (the emulator fixture)
 from byol_jax.store import checkpoint_reader
 from byol_jax import config as config_lib
 from byol_jax.weights import export
+from byol_jax.weights import export_formats
 from byol_jax.store import integrity
 from byol_jax.training import train
 
@@ -151,7 +152,7 @@ def test_linear_eval_and_export_read_and_write_gs(gcs, gs_run, data_dir, tmp_pat
   encoder = export.load_encoder(out)
   _, state = _restored(gs_run["workdir"], data_dir)
   images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
-  reference = export.Encoder(export.read_export(out)._replace(
+  reference = export.Encoder(export_formats.read_export(out)._replace(
       params={k: v for k, v in jax.tree_util.tree_map(np.asarray, state.online_params).items()
               if k.startswith("encoder/")},
       state={k: v for k, v in jax.tree_util.tree_map(np.asarray, state.online_state).items()

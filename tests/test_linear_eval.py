@@ -17,7 +17,7 @@ import fakes
 from byol_jax import config as config_lib
 from byol_jax.evaluation import linear_eval
 from byol_jax.model import networks
-from byol_jax.weights import pretrained as pretrained_lib
+from byol_jax.weights import encoder_weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 8  # The 28-px fakes are resized to 8 px: the smallest compile.
@@ -48,7 +48,7 @@ def encoder(data_dir):
   params, state = networks.make_encoder_network(model).init(
       jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1)), is_training=True)
   host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
-  return pretrained_lib.Pretrained(model=model, params=host(params), state=host(state),
+  return encoder_weights.Pretrained(model=model, params=host(params), state=host(state),
                                    image_size=IMAGE_SIZE, channels=1, step=123, source="workdir")
 
 
@@ -204,9 +204,11 @@ def test_knn_run_writes_knn_json(data_dir, encoder, tmp_path):
 
 
 def test_encoder_that_does_not_fit_the_data_is_refused(data_dir, encoder, tmp_path):
-  with pytest.raises(ValueError, match=r"trained on 8-px images.*--config.image_size=8"):
+  with pytest.raises(ValueError, match=r"trained on 8 px images with 1 channel\(s\), but this "
+                                       r"config gives 16 px .*--config.image_size=8"):
     linear_eval.run(_with(recipe(data_dir), image_size=16), encoder, str(tmp_path))
-  with pytest.raises(ValueError, match=r"3-channel.*--config.dataset.channels=3"):
+  with pytest.raises(ValueError, match=r"with 3 channel\(s\), but .* with 1 channel\(s\).*"
+                                       r"--config.dataset.channels=3"):
     linear_eval.run(recipe(data_dir), encoder._replace(channels=3), str(tmp_path))
   with pytest.raises(ValueError, match="linear.mode"):
     linear_eval.run(recipe(data_dir, mode="fast"), encoder, str(tmp_path))

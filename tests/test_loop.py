@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 import fakes
-from byol_jax.store import checkpoint
 from byol_jax import config as config_lib
-from byol_jax.store import integrity
-from byol_jax.jobs import loop
 from byol_jax import parallel
+from byol_jax.data import pipelines
+from byol_jax.jobs import loop
+from byol_jax.store import checkpoint
+from byol_jax.store import integrity
+from byol_jax.store import writers
 from byol_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -211,6 +213,45 @@ def test_cli_rejects_bad_config_with_one_line_naming_it(tmp_path, args, message)
   assert len(lines) == 1 and message in lines[0], err[-2000:]
 
 
+class _FailingUpdate:
+  """Stands in for the compiled step: healthy metrics, then an error at step `fail_at`."""
+
+  def __init__(self, fail_at):
+    self.fail_at, self.step = fail_at, 0
+
+  def __call__(self, state, batch, rng):
+    self.step += 1
+    if self.step == self.fail_at:
+      raise RuntimeError(f"device lost at step {self.step}")
+    per_device = lambda value: np.full(jax.local_device_count(), value, np.float32)
+    metrics = {key: per_device(0.5) for key in ("loss", *train.MONITOR_KEYS)}
+    return state, dict(metrics, nonfinite=per_device(0.0))
+
+
+def _record_closes(monkeypatch, classes):
+  """The names of `classes` whose instances had `close` called, one entry a call."""
+  closed = []
+  for cls in classes:
+    def close(self, real=cls.close, name=cls.__name__):
+      closed.append(name)
+      real(self)
+    monkeypatch.setattr(cls, "close", close)
+  return closed
+
+
+def test_an_error_mid_run_still_closes_the_writer_input_and_checkpoint(data_dir, tmp_path,
+                                                                       monkeypatch):
+  closed = _record_closes(monkeypatch, (writers.MetricWriter, pipelines.InputIterator,
+                                        checkpoint.Checkpointer))
+  monkeypatch.setattr(train, "make_pmapped_update", lambda deps: _FailingUpdate(fail_at=3))
+  c = smoke_config(data_dir, **{"checkpoint.every_steps": 1000})  # No save: state.step stays 0.
+  with pytest.raises(RuntimeError, match="device lost at step 3"):
+    loop.pretrain(c, str(tmp_path), print_fn=lambda line: None)
+  assert sorted(closed) == ["Checkpointer", "InputIterator", "MetricWriter"]
+  # Step 1 was read while step 2 ran; step 2's metrics were still pending at the error.
+  assert [m["step"] for m in read_metrics(tmp_path)] == [1]
+
+
 def test_missing_data_set_says_how_to_prepare_it(tmp_path):
   c = smoke_config(str(tmp_path / "empty"))
   with pytest.raises(FileNotFoundError, match="prepare-data fashion_mnist"):
@@ -246,14 +287,17 @@ class _NanInjector:
   def skipped_images(self):
     return self._source.skipped_images
 
+  def close(self):
+    self._source.close()
+
 
 def _inject_nans(monkeypatch, nan_steps):
-  real = loop.data.pretrain_dataset
+  real = pipelines.pretrain_dataset
 
   def pretrain_dataset(c, **kwargs):
     return _NanInjector(real(c, **kwargs), kwargs.get("start_step", 0), nan_steps)
 
-  monkeypatch.setattr(loop.data, "pretrain_dataset", pretrain_dataset)
+  monkeypatch.setattr(pipelines, "pretrain_dataset", pretrain_dataset)
 
 
 def _restore_step(workdir, c, step, scratch):

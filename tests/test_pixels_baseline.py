@@ -17,8 +17,9 @@ from byol_jax import config as config_lib
 from byol_jax.data import pipelines
 from byol_jax.evaluation import finetune
 from byol_jax.evaluation import linear_eval
+from byol_jax.evaluation import features
 from byol_jax.model import networks
-from byol_jax.weights import pretrained as pretrained_lib
+from byol_jax.weights import encoder_weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 28  # Fashion-MNIST's own size: with eval_crop_fraction 1 the pipeline delivers the
@@ -84,7 +85,7 @@ def test_pixel_statistics_are_numpys_over_the_written_training_images(written):
   c = recipe(data_dir)
   c.batch_size = STATS_BATCH
   assert N_TRAIN % STATS_BATCH  # A padded last batch, which must not count.
-  p = pretrained_lib.resolve(c, baselines.PIXELS)
+  p = baselines.resolve_features(c, baselines.PIXELS)  # What --pretrained=pixels gives.
   x = arrays["train"][0].reshape(N_TRAIN, -1).astype(np.float64) / 255.0
   stats = p.params[baselines.MODULE]
   assert stats["mean"].dtype == stats["std"].dtype == np.float32
@@ -93,17 +94,17 @@ def test_pixel_statistics_are_numpys_over_the_written_training_images(written):
   assert std[0] == 0 and stats["std"][0] == np.inf  # Constant pixel.
   np.testing.assert_allclose(stats["std"][1:], std[1:], rtol=1e-6)
   assert (p.source, p.step, p.image_size, p.channels, p.state) == ("pixels", 0, SIZE, 1, {})
-  assert p.source in pretrained_lib.SOURCES
-  # The model is a copy: naming it 'pixels' leaves the recipe's encoder alone.
-  assert p.model.encoder == "pixels" and c.model.encoder == "resnet18"
-  assert p.model.width == c.model.width
+  assert (p.name, p.dim) == (f"raw pixels ({SIZE * SIZE} standardised values)", SIZE * SIZE)
+  # Features, not an encoder: no Pretrained, no model section that could name 'pixels'.
+  assert isinstance(p, features.FeatureExtractor)
+  assert not isinstance(p, encoder_weights.Pretrained)
 
 
 def test_pixel_features_are_the_standardised_flattened_images(written):
   c = recipe(written[0])
-  p = baselines.pixels_baseline(c)
-  net = baselines.feature_network(p, axis_name=None, precision="float32")
-  assert baselines.feature_dim(p) == SIZE * SIZE
+  p = baselines.pixels_features(c)
+  net = p.network
+  assert p.dim == SIZE * SIZE
   images = np.random.default_rng(1).uniform(0, 1, (5, SIZE, SIZE, 1)).astype(np.float32)
   got, state = jax.jit(lambda x: net.apply(p.params, p.state, None, x, is_training=False))(
       images)
@@ -121,15 +122,16 @@ def test_pixel_features_are_the_standardised_flattened_images(written):
 def test_an_encoder_gets_the_encoder_network_and_its_representation_size():
   c = config_lib.base_config()
   c.model.update(dict(encoder="resnet18", width=0.0625))
-  p = pretrained_lib.Pretrained(model=c.model, params={}, state={}, image_size=8, channels=1,
-                                step=0, source="workdir")
+  p = encoder_weights.Pretrained(model=c.model, params={}, state={}, image_size=8, channels=1,
+                                 step=0, source="workdir")
   x = jnp.zeros((2, 8, 8, 1))
   shapes = lambda net: jax.eval_shape(  # noqa: E731
       lambda: net.init(jax.random.PRNGKey(0), x, is_training=True))
-  ours, theirs = shapes(baselines.feature_network(p)), shapes(networks.make_encoder_network(
-      c.model))
+  fx = features.of_encoder(p)
+  ours, theirs = shapes(fx.network), shapes(networks.make_encoder_network(c.model))
   assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
-  assert baselines.feature_dim(p) == networks.representation_dim(c.model) == 32
+  assert fx.dim == networks.representation_dim(c.model) == 32
+  assert fx.name == "encoder resnet18 x0.0625"
 
 
 def read_results(workdir, name):
@@ -196,7 +198,7 @@ def test_finetune_refuses_pixels_naming_the_fix(written, tmp_path):
   with pytest.raises(ValueError, match=message):
     finetune.run(recipe(written[0]), baselines.PIXELS, str(tmp_path / "ft"))
   with pytest.raises(ValueError, match=message):  # Also when handed the resolved baseline.
-    finetune.finetune(recipe(written[0]), baselines.pixels_baseline(recipe(written[0])),
+    finetune.finetune(recipe(written[0]), baselines.pixels_features(recipe(written[0])),
                       str(tmp_path / "ft"))
   assert not (tmp_path / "ft").exists()
 

@@ -1,5 +1,8 @@
 """pretrained.load on a pretraining workdir: the online encoder of the newest intact step,
-read without writing a byte; corrupt steps skipped; clear errors for what is not loadable.
+read without writing a byte and without the training stack (a checkpoint whose other parts
+no longer fit today's TrainState loads; an encoder that does not fit its config.json is
+refused); corrupt steps skipped; clear errors for what is not loadable. Also the
+random-encoder baseline of the evaluation commands (baselines.random_init).
 
 The workdir is written with the real Checkpointer from a TrainState whose every leaf is
 random (online and target differ), so a wrong step, tree or network half cannot pass.
@@ -16,11 +19,15 @@ import jax
 import numpy as np
 import pytest
 
-from byol_jax.store import checkpoint
+import fakes
 from byol_jax import parallel
-from byol_jax.weights import pretrained
+from byol_jax.evaluation import baselines
+from byol_jax.evaluation import linear_eval
+from byol_jax.model import networks
+from byol_jax.store import checkpoint
 from byol_jax.store import run_config
 from byol_jax.training import train
+from byol_jax.weights import pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -143,9 +150,40 @@ def test_corrupt_newest_step_is_skipped_loudly_and_left_in_place(workdir, tmp_pa
   assert snapshot(tmp_path) == before  # No quarantine directory, no config.json rewrite.
 
 
+def _edit_config_json(root, **fields):
+  """A copy of the workdir `root` whose config.json has `fields` ('a.b': value) changed."""
+  copy = root.parent / f"{root.name}_edited"
+  shutil.copytree(root, copy, dirs_exist_ok=True)
+  saved = json.loads((copy / run_config.CONFIG_FILE).read_text())
+  for field, value in fields.items():
+    section, name = field.split(".")
+    saved[section][name] = value
+  (copy / run_config.CONFIG_FILE).write_text(json.dumps(saved))
+  return copy
+
+
+def test_loading_reads_the_encoder_alone_not_the_training_state(workdir):
+  root, _, saved = workdir
+  # Another class count and heads: today's TrainState template would not fit this checkpoint
+  # (probe, projector and optimiser shapes differ), but the encoder is the same.
+  copy = _edit_config_json(root, **{"dataset.num_classes": 3, "model.projector_hidden": 8,
+                                    "model.predictor_hidden": 8})
+  loaded = pretrained.load(str(copy))
+  assert loaded.step == 4
+  assert_encoder_of(loaded, saved[4])
+
+
+def test_an_encoder_that_does_not_fit_its_config_json_is_refused(workdir):
+  root, c, _ = workdir
+  copy = _edit_config_json(root, **{"model.width": c.model.width * 2})
+  with pytest.raises(ValueError, match=r"step 4 .* does not fit the state its config.json "
+                                       r"describes:\n  online_params/encoder/~/"):
+    pretrained.load(str(copy))
+
+
 def test_config_json_round_trip_restores_tuples(workdir):
   root, c, _ = workdir
-  again = pretrained.config_from_json(json.loads((root / "config.json").read_text()))
+  again = run_config.read_config(str(root))
   assert isinstance(again.linear.learning_rates, tuple)
   assert again.to_dict() == c.to_dict()
 
@@ -178,13 +216,10 @@ def test_unknown_file_type_is_refused_showing_what_it_looked_like(tmp_path):
 
 
 def test_random_encoder_keeps_its_init_and_takes_batch_norm_statistics_from_the_data(tmp_path):
-  import fakes
-  from byol_jax.evaluation import linear_eval
-  from byol_jax.model import networks
   c = tiny_config()
   c.dataset.data_dir = fakes.fashion_mnist_tfds(tmp_path)
-  untouched = pretrained.random_init(c, bn_batches=0)
-  resolved = linear_eval.load_checked(c, pretrained.RANDOM)  # What --pretrained=random gives.
+  untouched = baselines.random_init(c, bn_batches=0)
+  resolved = linear_eval.load_checked(c, baselines.RANDOM)  # What --pretrained=random gives.
   assert (resolved.source, resolved.step, resolved.image_size, resolved.channels) == (
       "random", 0, 28, 1)
   init_params, init_state = networks.make_encoder_network(c.model).init(

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances
 from byol_jax.tools import bench
 from byol_jax import config as config_lib
 from byol_jax import parallel
+from byol_jax.training import augment
 from byol_jax.training import train
 
 GLOBAL_BATCH = 8
@@ -45,21 +47,6 @@ def host_batch(seed=0, batch=GLOBAL_BATCH, size=16):
   return dict(view1=views[0], view2=views[1], label=rng.integers(0, 5, batch).astype(np.int32))
 
 
-def assert_trees_close_to_scale(actual, expected, tol=1e-5):
-  """|a - e| <= tol * max(1, max|e|) leaf by leaf.
-
-  Splitting a batch over devices changes float32 summation order; momentum traces hold
-  raw gradients of order 1, so the tolerance follows each leaf's scale.
-  """
-  def check(path, a, e):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    scale = max(1.0, float(np.max(np.abs(e)))) if e.size else 1.0
-    err = float(np.max(np.abs(a - e))) if e.size else 0.0
-    assert err <= tol * scale, f"{jax.tree_util.keystr(path)}: max error {err:.3g} > {tol * scale:.3g}"
-
-  jax.tree_util.tree_map_with_path(check, actual, expected)
-
-
 @functools.lru_cache(maxsize=None)
 def setup(num_devices: int):
   """(config, deps, initial state, pmapped update on the first num_devices devices)."""
@@ -83,6 +70,39 @@ def run_steps(num_devices, batches, start_step=0, all_metrics=False):
   return parallel.unreplicate(replicated), (history if all_metrics else history[-1])
 
 
+def _augment_in_float32(images, keys, view_cfg):
+  """The default augmentation traced with x64 off inside the float64 program: the same
+  random draws (x64 would draw float64 uniforms from other bits) and float32 views as the
+  float32 runs; the network then computes in float64."""
+  with jax.enable_x64(False):
+    views = augment.augment_view(images, keys, view_cfg)
+  return views.astype(jnp.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def setup_float64():
+  """setup(1)'s update with float32 augmentation, for float64 runs (one compile, cached)."""
+  _, deps, _, _ = setup(1)
+  return train.make_pmapped_update(deps._replace(augment_fn=_augment_in_float32),
+                                   devices=jax.local_devices()[:1])
+
+
+def run_steps_float64(batches):
+  """run_steps(1, batches) in float64 (state, params, compute): the reference of the float32
+  runs. x64 is on only inside; the results come back as float64 NumPy trees."""
+  _, _, state, _ = setup(1)
+  devices = jax.local_devices()[:1]
+  with jax.enable_x64(True):
+    replicated = parallel.replicate(tolerances.float64(state), devices)
+    for b in batches:
+      replicated, metrics = setup_float64()(
+          replicated, parallel.shard(parallel.split_for_devices(b, 1), devices),
+          jax.random.PRNGKey(1))
+    out = tolerances.float64(parallel.unreplicate((replicated, metrics)))
+  assert not jax.config.jax_enable_x64  # Nothing leaks to the other tests.
+  return out
+
+
 def test_target_is_the_ema_of_the_updated_online_params():
   _, _, old, _ = setup(1)
   new, metrics = run_steps(1, [host_batch()])
@@ -90,7 +110,13 @@ def test_target_is_the_ema_of_the_updated_online_params():
   assert 0.99 <= tau < 1.0
   expected = jax.tree_util.tree_map(lambda t, o: tau * t + (1 - tau) * o,
                                     old.target_params, new.online_params)
-  chex.assert_trees_all_close(new.target_params, expected, atol=1e-7, rtol=1e-6)
+  # The update forms s * online + (1 - s) * target with s = 1 - tau, and 1 - s = tau exactly
+  # (Sterbenz: tau in [0.5, 1]): the same two products and sum as here, up to a fused
+  # multiply-add: each side is within 2u (|tau t| + |(1 - tau) o|), so 2 ulps apart.
+  bound = jax.tree_util.tree_map(
+      lambda t, o: tolerances.ulps(2, np.abs(tau * np.asarray(t)) + np.abs((1 - tau) * np.asarray(o))),
+      old.target_params, new.online_params)
+  jax.tree_util.tree_map(tolerances.assert_close, new.target_params, expected, bound)
   # The online params did move, so the EMA is not trivially the old target.
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), old.online_params, new.online_params)
   assert max(jax.tree_util.tree_leaves(moved)) > 0
@@ -133,12 +159,27 @@ def test_probe_loss_sends_gradient_only_to_the_classifier():
 
 
 def test_four_devices_and_one_device_give_the_same_new_state():
+  """Both float32 runs against a float64 run of the same two steps (1 device).
+
+  Splitting the batch over 4 devices changes the float32 summation order (partial sums,
+  then an all-reduce), not the rounding bound, so the 4-device run must be as accurate as
+  the 1-device one, leaf by leaf: err(4) <= 8 max(err(1), floor), err the max error
+  against float64. Factor 8: the two errors are independent draws of rounding noise, and
+  the ratio of their maxima over a leaf of 8 to 32 values measured up to 4.4 (median 1)
+  over 8 batch pairs x 482 leaves; a device-count bug (no gradient pmean, per-device batch
+  norm) gives ratios over 1e3. Floor: 16 ulps of the module's largest value, the rounding
+  noise of the update's sums (about sqrt(n) ulps for n = 8 examples x 2 views x 2 steps x
+  the pixels) that holds leaves whose exact value is 0 (biases before batch norm: pure
+  cancellation) or whose error in one run happens to be ~0. The metrics, the same way.
+  """
   batches = [host_batch(0), host_batch(1)]
   one, m_one = run_steps(1, batches)
   four, m_four = run_steps(4, batches)
-  assert_trees_close_to_scale(four, one, tol=1e-5)
-  for key in ("loss", "probe_loss", "grad_norm", "collapse_std", "effective_rank"):
-    np.testing.assert_allclose(m_four[key], m_one[key], rtol=1e-4, err_msg=key)
+  ref, m_ref = run_steps_float64(batches)
+  tolerances.assert_no_less_accurate(four, one, ref, factor=8, floor_ulps=16)
+  keys = ("loss", "probe_loss", "grad_norm", "collapse_std", "effective_rank")
+  m_four, m_one, m_ref = ({k: m[k] for k in keys} for m in (m_four, m_one, m_ref))
+  tolerances.assert_no_less_accurate(m_four, m_one, m_ref, factor=8, floor_ulps=16)
 
 
 def test_metrics_are_reported_and_healthy_at_init():
@@ -150,8 +191,12 @@ def test_metrics_are_reported_and_healthy_at_init():
   assert 0.0 <= float(metrics["loss"]) <= 8.0
   assert float(metrics["nonfinite"]) == 0.0
   assert float(metrics["collapse_std"]) > 0.3 / np.sqrt(16)
-  # Copy-initialised target: online and target projections agree at step 0.
-  np.testing.assert_allclose(metrics["online_target_cosine"], 1.0, atol=1e-4)
+  # Copy-initialised target: online and target projections agree at step 0, up to rounding
+  # delta that moves the cosine by delta^2 only. The rest is rounding: normalising each of z
+  # and z' and their dot product (D terms each: 2 D ulps), the mean over the batch.
+  d = tiny_config().model.projector_out
+  tolerances.assert_close(metrics["online_target_cosine"], 1.0, tolerances.ulps(2 * d + GLOBAL_BATCH),
+                          "online_target_cosine")
 
 
 def test_monitors_are_computed_on_logged_steps_only():

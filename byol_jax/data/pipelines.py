@@ -160,6 +160,10 @@ class InputIterator:
     self.skipped_images = max(self.skipped_images, int(batch.pop(_SKIPPED)))
     return batch
 
+  def close(self) -> None:
+    """Releases the tf.data iterator (its threads and buffers); `next` then stops."""
+    self._iterator.close()
+
 
 def _label_message(text: str) -> str:
   """One line from tf.debugging.Assert's 'assertion failed: [msg] [label] [num_classes]'."""
@@ -431,6 +435,12 @@ class _DevicePrefetcher:
   @property
   def skipped_images(self) -> int:
     return getattr(self._source, "skipped_images", 0)
+
+  def close(self) -> None:
+    """Drops the batches in flight and closes the source (when it has `close`)."""
+    self._queue.clear()
+    if hasattr(self._source, "close"):
+      self._source.close()
 
 
 def device_prefetch(iterator: Iterator[Any], size: int = 2, devices=None) -> _DevicePrefetcher:

@@ -38,6 +38,7 @@ from byol_jax.training import augment
 from byol_jax.evaluation import baselines
 from byol_jax import config as config_lib
 from byol_jax.data import pipelines
+from byol_jax.evaluation import features
 from byol_jax.store import files
 from byol_jax.training import losses
 from byol_jax.model import networks
@@ -260,22 +261,11 @@ def evaluate(deps: Deps, state: FinetuneState, batches) -> dict:
 
 
 def check_has_encoder(pretrained) -> None:
-  """Refuses the pixels baseline (the word or its Pretrained): there is nothing to fine-tune."""
+  """Refuses the pixels baseline (the word or its FeatureExtractor): nothing to fine-tune."""
   word = os.fspath(pretrained) if isinstance(pretrained, (str, os.PathLike)) else None
-  if baselines.PIXELS in (word, getattr(pretrained, "source", None)):
+  if word == baselines.PIXELS or isinstance(pretrained, features.FeatureExtractor):
     raise ValueError("fine-tuning needs an encoder; pixels is a baseline for linear-eval and knn "
                      "only; use --pretrained=random for the random-encoder baseline.")
-
-
-def check_compatible(c: ml_collections.ConfigDict, pretrained, channels: int) -> None:
-  """Raises ValueError unless the config's images match what the encoder was trained on."""
-  if int(pretrained.image_size) != int(c.image_size) or int(pretrained.channels) != channels:
-    raise ValueError(
-        f"the pretrained encoder was trained on {pretrained.image_size} px images with "
-        f"{pretrained.channels} channel(s), but this config gives {c.image_size} px images with "
-        f"{channels} channel(s) (data set {c.dataset.name!r}): use the recipe it was pretrained "
-        f"with, or set --config.image_size={pretrained.image_size} and "
-        f"--config.dataset.channels={pretrained.channels}.")
 
 
 def choose_subset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, int]:
@@ -312,7 +302,7 @@ def _train(c, deps: Deps, state: FinetuneState, batches, total: int,
 
 def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
              print_fn: Callable[[str], None] | None = None, pretrained_path: str = "") -> dict:
-  """Fine-tunes `pretrained` (a pretrained.Pretrained) as config `c` says; see `run`."""
+  """Fine-tunes `pretrained` (an encoder_weights.Pretrained) as config `c` says; see `run`."""
   check_has_encoder(pretrained)
   say = print_fn or (lambda line: print(line, flush=True))
   start = time.monotonic()
@@ -321,7 +311,7 @@ def finetune(c: ml_collections.ConfigDict, pretrained, workdir: str,
   config_lib.validate(c)
   c = sources.resolve_dataset(c, reads=("eval",))
   ft = c.finetune
-  check_compatible(c, pretrained, pipelines.num_channels(c))
+  features.check_images(c, pretrained.image_size, pretrained.channels, "encoder")
   parallel.per_device_batch(ft.batch_size)  # Fails early, naming both numbers.
   subset, num_train = choose_subset(c)
   total = max(1, math.ceil(ft.num_epochs * subset.size / ft.batch_size))
@@ -373,7 +363,7 @@ def run(c: ml_collections.ConfigDict, pretrained: str, workdir: str,
     c: the recipe config (dataset.*, image_size, finetune.*, seed, log.*, precision); its
       `model` section is replaced by the pretrained encoder's.
     pretrained: a pretraining workdir, a byol_jax export or an authors' release .pkl
-      (anything `pretrained.load` reads), or 'random' (`pretrained.random_init`); not
+      (anything `pretrained.load` reads), or 'random' (`baselines.random_init`); not
       'pixels', the raw-pixel baseline of linear-eval and knn, which has no encoder.
     workdir: where results.json, subset.txt, metrics.jsonl and TensorBoard events go.
     print_fn: console output (default print).
@@ -390,5 +380,4 @@ def run(c: ml_collections.ConfigDict, pretrained: str, workdir: str,
     FileNotFoundError: the pretrained path or subset file does not exist.
   """
   check_has_encoder(pretrained)
-  from byol_jax.weights import pretrained as pretrained_lib  # Local: it pulls in the checkpoint stack.
-  return finetune(c, pretrained_lib.resolve(c, pretrained), workdir, print_fn, pretrained)
+  return finetune(c, baselines.resolve_encoder(c, pretrained), workdir, print_fn, pretrained)

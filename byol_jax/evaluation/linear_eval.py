@@ -11,8 +11,9 @@ train split and reported on dataset.eval_split.
                            classifier trains on them (fast; no augmentation).
 Validation and test features never change (frozen encoder, centre crop), so both modes
 extract them once. Results go to results.json (knn.json for kNN), written atomically.
-The features come from `baselines.feature_network`: the encoder, or for the baseline
-`--pretrained=pixels` the standardised raw pixels, through the same code path.
+The features come from a features.FeatureExtractor (`baselines.resolve_features`): the
+encoder's representation, or for the baseline `--pretrained=pixels` the standardised raw
+pixels, through the same code path.
 """
 import functools
 import os
@@ -30,10 +31,10 @@ from byol_jax.evaluation import baselines
 from byol_jax import config as config_lib
 from byol_jax.data import pipelines
 from byol_jax.evaluation import evaluate
+from byol_jax.evaluation import features as features_lib
 from byol_jax.store import files
 from byol_jax.training import losses
 from byol_jax import parallel
-from byol_jax.weights import pretrained as pretrained_lib
 from byol_jax.data import sources
 from byol_jax.store import writers
 
@@ -229,24 +230,16 @@ def select_learning_rate(learning_rates, score_fn: Callable[[float], float]):
 # ----------------------------------------------------------------- the commands
 
 
-def load_checked(c: ml_collections.ConfigDict, pretrained) -> pretrained_lib.Pretrained:
-  """Loads `pretrained` (a path, 'random', 'pixels' or a Pretrained) and checks it fits the
-  recipe's data.
+def load_checked(c: ml_collections.ConfigDict, pretrained) -> features_lib.FeatureExtractor:
+  """The features of `pretrained` (a path, 'random', 'pixels' or a Pretrained), pmappable
+  over parallel.DEVICE_AXIS in c.precision, checked to fit the recipe's data.
 
   Raises:
-    ValueError: image size or channel count differ between the encoder and the config.
+    ValueError: image size or channel count differ between the network and the config.
   """
-  p = pretrained_lib.resolve(c, pretrained)
-  if int(c.image_size) != int(p.image_size):
-    raise ValueError(f"the pretrained encoder was trained on {p.image_size}-px images but "
-                     f"config.image_size={c.image_size}; pass --config.image_size={p.image_size} "
-                     "(or the recipe it was pretrained with).")
-  channels = pipelines.num_channels(c)
-  if channels != int(p.channels):
-    raise ValueError(f"the pretrained encoder takes {p.channels}-channel images but "
-                     f"{c.dataset.name} gives {channels}; pass "
-                     f"--config.dataset.channels={p.channels}.")
-  return p
+  fx = baselines.resolve_features(c, pretrained, parallel.DEVICE_AXIS, c.precision)
+  features_lib.check_images(c, fx.image_size, fx.channels, fx.name)
+  return fx
 
 
 def _check_linear(c: ml_collections.ConfigDict) -> None:
@@ -272,7 +265,7 @@ def standardizer(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
   return lambda z: ((z - mean) / std).astype(np.float32)
 
 
-def _make_trainer(c, p, encoder, params, state, val, features, print_fn):
+def _make_trainer(c, fx, params, state, val, features, print_fn):
   """(train(split, lr) -> dict(params, steps, examples, final_loss), transform).
 
   split is 'train_minus_val' (the sweep) or dataset.train_split (the final run); transform
@@ -289,10 +282,9 @@ def _make_trainer(c, p, encoder, params, state, val, features, print_fn):
     epoch_fn = _make_features_epoch(optimizer)
     return (lambda split, lr: train_on_features(*splits[split], c, lr, print_fn, epoch_fn),
             transform)
-  step_fn = make_pmapped_augmented_step(encoder, optimizer)
-  dim = baselines.feature_dim(p)
-  return (lambda split, lr: train_augmented(c, step_fn, params, state, dim, split, lr, print_fn),
-          lambda z: z)
+  step_fn = make_pmapped_augmented_step(fx.network, optimizer)
+  return (lambda split, lr: train_augmented(c, step_fn, params, state, fx.dim, split, lr,
+                                            print_fn), lambda z: z)
 
 
 def run(c: ml_collections.ConfigDict, pretrained, workdir: str,
@@ -303,8 +295,8 @@ def run(c: ml_collections.ConfigDict, pretrained, workdir: str,
     c: the recipe (dataset.*, image_size, linear.*, precision, seed); model.* is ignored:
       the architecture comes from the pretrained encoder.
     pretrained: a path for `pretrained.load` (workdir, byol_jax export, authors' .pkl),
-      'random' or 'pixels' (the baselines of `pretrained.resolve`), or a
-      `pretrained.Pretrained`.
+      'random' or 'pixels' (the baselines of `baselines.resolve_features`), or an
+      `encoder_weights.Pretrained`.
     workdir: results.json, metrics.jsonl and TensorBoard scalars go here.
     print_fn: progress lines (default print).
 
@@ -318,20 +310,18 @@ def run(c: ml_collections.ConfigDict, pretrained, workdir: str,
   config_lib.validate(c)
   _check_linear(c)
   c = sources.resolve_dataset(c, reads=("eval", "holdout"))
-  p = load_checked(c, pretrained)
+  fx = load_checked(c, pretrained)
   _schedule(sources.open_split(c, "train_minus_val").total_examples, c)  # Fail early.
-  encoder = baselines.feature_network(p, parallel.DEVICE_AXIS, c.precision)
-  params, state = parallel.replicate(p.params), parallel.replicate(p.state)
-  feature_fn = evaluate.make_pmapped_features(encoder)
+  params, state = parallel.replicate(fx.params), parallel.replicate(fx.state)
+  feature_fn = evaluate.make_pmapped_features(fx.network)
   features = lambda split: evaluate.split_features(c, feature_fn, params, state, split,
                                                    c.linear.batch_size)
   scale = c.linear.batch_size / LR_REFERENCE_BATCH
-  print_fn(f"linear eval ({c.linear.mode}): {baselines.describe(p)} from "
-           f"{_source_name(pretrained)} (step {p.step}); extracting features...")
+  print_fn(f"linear eval ({c.linear.mode}): {fx.name} from "
+           f"{_source_name(pretrained)} (step {fx.step}); extracting features...")
   val_x, val_y = features("val_from_train")
   test_x, test_y = features(c.dataset.eval_split)
-  train, transform = _make_trainer(c, p, encoder, params, state, (val_x, val_y), features,
-                                   print_fn)
+  train, transform = _make_trainer(c, fx, params, state, (val_x, val_y), features, print_fn)
   val_x, test_x = transform(val_x), transform(test_x)
   print_fn(f"features ready: {len(val_x)} validation, {len(test_x)} test examples "
            f"({time.monotonic() - start:.1f}s)")
@@ -352,7 +342,7 @@ def run(c: ml_collections.ConfigDict, pretrained, workdir: str,
       train_examples=final["examples"], eval_examples=len(test_x),
       eval_split=c.dataset.eval_split, final_train_loss=final["final_loss"],
       elapsed_seconds=time.monotonic() - start, pretrained=_source_name(pretrained),
-      pretrained_step=int(p.step), config=c.to_dict())
+      pretrained_step=int(fx.step), config=c.to_dict())
   _write_outputs(workdir, result, RESULTS_FILE, "linear")
   print_fn(f"linear eval: top-1 {result['top1']:.2%} top-5 {result['top5']:.2%} on "
            f"{c.dataset.eval_split} (base lr {best:g}, {result['elapsed_seconds']:.0f}s)")
@@ -386,13 +376,12 @@ def knn_run(c: ml_collections.ConfigDict, pretrained, workdir: str,
   start = time.monotonic()
   config_lib.validate(c)
   c = sources.resolve_dataset(c, reads=("eval", "knn"))
-  p = load_checked(c, pretrained)
-  encoder = baselines.feature_network(p, parallel.DEVICE_AXIS, c.precision)
-  result = evaluate.knn_monitor(c, evaluate.make_pmapped_features(encoder),
-                                parallel.replicate(p.params), parallel.replicate(p.state))
+  fx = load_checked(c, pretrained)
+  result = evaluate.knn_monitor(c, evaluate.make_pmapped_features(fx.network),
+                                parallel.replicate(fx.params), parallel.replicate(fx.state))
   result.update(k=int(c.knn.k), temperature=float(c.knn.temperature),
                 elapsed_seconds=time.monotonic() - start, pretrained=_source_name(pretrained),
-                pretrained_step=int(p.step), eval_split=c.dataset.eval_split, config=c.to_dict())
+                pretrained_step=int(fx.step), eval_split=c.dataset.eval_split, config=c.to_dict())
   _write_outputs(workdir, result, KNN_FILE, "knn")
   print_fn(f"kNN (k={c.knn.k}, T={c.knn.temperature:g}): top-1 {result['knn_top1']:.2%} "
            f"top-5 {result['knn_top5']:.2%} ({result['elapsed_seconds']:.0f}s)")

@@ -4,6 +4,7 @@ The host side of training. It owns all I/O and all state that is not a JAX array
 maths is `train.update`. Metrics of step k are read while step k+1 runs, so the host
 never waits on the device except to log, evaluate or checkpoint.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,16 +21,16 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from byol_jax.store import checkpoint
 from byol_jax import config as config_lib
-from byol_jax.data import pipelines
-from byol_jax.evaluation import evaluate
-from byol_jax.store import files
 from byol_jax import parallel
-from byol_jax.store import run_config
+from byol_jax.data import pipelines
 from byol_jax.data import sources
-from byol_jax.training import train
+from byol_jax.evaluation import evaluate
+from byol_jax.store import checkpoint
+from byol_jax.store import files
+from byol_jax.store import run_config
 from byol_jax.store import writers
+from byol_jax.training import train
 
 
 class NonFiniteError(RuntimeError):
@@ -174,14 +175,7 @@ def config_disagreements(configs: list[dict]) -> list[str]:
   Returns:
     Lines "optim.base_lr: process 0 has 1.0, process 1 has 0.5", sorted by field.
   """
-  def flatten(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-      out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
-                 else {f"{prefix}{key}": value})
-    return out
-
-  flat = [flatten(c) for c in configs]
+  flat = [run_config.flatten(c) for c in configs]
   fields = sorted(set().union(*flat))
   lines = []
   for field in fields:
@@ -217,31 +211,171 @@ def _agree_on_start(start_step: int) -> None:
         ". Every process must see the same --workdir (a shared file system).")
 
 
-def _close_after_local_failure(ckpt: checkpoint.Checkpointer) -> None:
-  """Cleans up after an error that may have happened on this process only.
-
-  With one process the pending save is finished. With several, closing would wait at a
-  barrier for peers that are blocked in the step's collectives and never arrive; the
-  process must exit instead, and the coordination service then stops the peers
-  (cli.py's --heartbeat_timeout bounds how long that takes).
-  """
-  if jax.process_count() == 1:
-    ckpt.close()
-  else:
-    logging.error("process %d failed; exiting without waiting for the other processes.",
-                  jax.process_index())
-
-
 def _evaluate(c, eval_fn, state) -> dict:
   batches = pipelines.device_prefetch(pipelines.eval_dataset(
       c, process_index=jax.process_index(), process_count=jax.process_count(),
       local_device_count=jax.local_device_count()))
-  return evaluate.probe_accuracy(eval_fn, state.online_params, state.online_state, batches)
+  with contextlib.closing(batches):
+    return evaluate.probe_accuracy(eval_fn, state.online_params, state.online_state, batches)
 
 
 def _knn(c, knn_fn, state) -> dict:
   """kNN monitor (knn.*) on the online encoder: train split as the bank, eval split queried."""
   return evaluate.knn_monitor(c, knn_fn, state.online_params, state.online_state)
+
+
+def _checked_config(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`c` validated, its data set resolved, and the same on every process; nothing written.
+
+  Returns:
+    `c` with dataset.num_train_examples and num_classes at 0 taken from the data.
+  """
+  config_lib.validate(c)
+  files.check_url(workdir)  # An unsupported scheme stops here, before anything is written.
+  parallel.per_device_batch(c.batch_size)  # Config alone: before reading the data set.
+  # Sizes and classes from the data, every split checked, before anything is written: the
+  # resolved numbers drive the schedules, go to config.json and meet the resume guard.
+  c = sources.resolve_dataset(c, reads=("eval", "knn") if c.knn.every_steps else ("eval",))
+  _agree_on_config(c)  # Before any work, and before the Checkpointer writes config.json.
+  return c
+
+
+def _restore_or_init(c, deps: train.Deps, init_key: jax.Array,
+                     ckpt: checkpoint.Checkpointer) -> tuple[int, Any]:
+  """(step, replicated state): the newest intact checkpoint's, else (0, a fresh state)."""
+  state = parallel.replicate(train.init_state(c, deps, init_key, pipelines.num_channels(c)))
+  restored = ckpt.restore_or_none(state, c)
+  if restored is None:
+    return 0, state
+  logging.info("resumed from step %d of %s", restored[0], ckpt.workdir)
+  return restored
+
+
+@contextlib.contextmanager
+def _closed_on_every_path(ckpt: checkpoint.Checkpointer):
+  """Yields `ckpt`, then finishes its pending save and closes it however the block ends.
+
+  But for an error that may have happened on this process only (any but the guards',
+  which every process raises at the same step) when there are several processes: closing
+  would wait at a barrier for peers that are blocked in the step's collectives and never
+  arrive. The process must exit instead, and the coordination service then stops the peers
+  (cli.py's --heartbeat_timeout bounds how long that takes).
+  """
+  try:
+    yield ckpt
+  except (NonFiniteError, CollapseError):
+    ckpt.close()  # Every process raises these at the same step: metrics are global means.
+    raise
+  except BaseException:
+    if jax.process_count() == 1:
+      ckpt.close()
+    else:
+      logging.error("process %d failed; exiting without waiting for the other processes.",
+                    jax.process_index())
+    raise
+  ckpt.close()
+
+
+def _training_batches(c, start_step: int):
+  """This process's pretraining batches from `start_step` on, prefetched to its devices."""
+  return pipelines.device_prefetch(pipelines.pretrain_dataset(
+      c, process_index=jax.process_index(), process_count=jax.process_count(),
+      local_device_count=jax.local_device_count(), start_step=start_step))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  """What the step loop reads: the config, the step and evaluation programs, the resources."""
+  c: ml_collections.ConfigDict
+  total: int
+  update: Callable
+  eval_fn: Callable
+  knn_fn: Callable | None  # None: no kNN monitor (knn.every_steps=0).
+  aug_key: jax.Array
+  ckpt: checkpoint.Checkpointer
+  writer: writers.MetricWriter
+  batches: Any  # From _training_batches.
+  guards: Guards
+
+
+def _job(c, deps: train.Deps, aug_key: jax.Array, ckpt: checkpoint.Checkpointer,
+         batches: Any, writer: writers.MetricWriter) -> _Job:
+  """The run's programs (compiled at their first call) and fresh guards, with its resources."""
+  knn_fn = (evaluate.make_pmapped_features(deps.forward, "representation")
+            if c.knn.every_steps else None)
+  guards = Guards(c.monitor.max_nonfinite_steps, c.monitor.collapse_threshold,
+                  c.monitor.collapse_patience, c.monitor.stop_on_collapse)
+  return _Job(c, config_lib.total_steps(c), train.make_pmapped_update(deps),
+              evaluate.make_pmapped_probe_eval(deps.forward), knn_fn, aug_key, ckpt, writer,
+              batches, guards)
+
+
+def _consume(job: _Job, step: int, device_metrics: Any) -> dict:
+  """Step `step`'s metrics on the host: the guards see them, logged steps are written.
+
+  Returns:
+    The step's metrics (without the monitors on steps that did not compute them).
+  """
+  values = _host_metrics(device_metrics)
+  logged = train.is_monitored_step(step, job.c.log.every_steps, job.total)
+  if not logged:
+    for key in train.MONITOR_KEYS:  # Not computed on this step (NaN placeholders).
+      del values[key]
+  job.guards.check(step, values, job.c.model.projector_out)
+  if logged:
+    values.update(skipped_images=job.batches.skipped_images,
+                  nonfinite_total=job.guards.total_nonfinite)
+    job.writer.write(step, values)
+  return values
+
+
+def _periodic_evaluations(job: _Job, step: int, state: Any) -> None:
+  """The probe (eval.every_steps) and kNN (knn.every_steps) monitors when due, before the end."""
+  c = job.c
+  if c.eval.every_steps and step % c.eval.every_steps == 0 and step < job.total:
+    job.writer.write(step, _evaluate(c, job.eval_fn, state))
+  if job.knn_fn is not None and step % c.knn.every_steps == 0 and step < job.total:
+    job.writer.write(step, _knn(c, job.knn_fn, state))
+
+
+def _run_steps(job: _Job, state: Any, step: int, stop: threading.Event,
+               profiler: Profiler) -> tuple[Any, int, dict]:
+  """Trains from `step` until the last step or `stop`; saves every step that is due.
+
+  Returns:
+    (state, step reached, metrics of the last step).
+  """
+  last, pending = {}, None  # pending: (step, device metrics) not yet read on the host.
+  while step < job.total and not stop.is_set():
+    profiler.before(step + 1)
+    state, metrics = job.update(state, next(job.batches), job.aug_key)
+    step += 1
+    profiler.after(step, state)
+    if pending is not None:
+      last = _consume(job, *pending)
+    pending = (step, metrics)
+    if step % job.c.checkpoint.every_steps == 0:
+      last, pending = _consume(job, *pending), None  # Guards see this step before its save.
+    # Called every step: it saves when due, and writes the previous save's manifest as
+    # soon as orbax has finished it.
+    job.ckpt.save(step, state)
+    _periodic_evaluations(job, step, state)
+  if pending is not None:
+    last = _consume(job, *pending)
+  return state, step, last
+
+
+def _final_evaluation(job: _Job, step: int, state: Any) -> dict:
+  """Evaluates the finished run (probe, and kNN when configured) and writes it at `step`.
+
+  Returns:
+    The evaluation's metrics.
+  """
+  final_eval = _evaluate(job.c, job.eval_fn, state)
+  if job.knn_fn is not None:
+    final_eval.update(_knn(job.c, job.knn_fn, state))
+  job.writer.write(step, final_eval)
+  return final_eval
 
 
 def pretrain(c: ml_collections.ConfigDict, workdir: str,
@@ -260,88 +394,25 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
   Raises:
     NonFiniteError, CollapseError: see Guards. ValueError: bad config or workdir.
   """
-  config_lib.validate(c)
-  files.check_url(workdir)  # An unsupported scheme stops here, before anything is written.
-  parallel.per_device_batch(c.batch_size)  # Config alone: before reading the data set.
-  # Sizes and classes from the data, every split checked, before anything is written: the
-  # resolved numbers drive the schedules, go to config.json and meet the resume guard.
-  c = sources.resolve_dataset(c, reads=("eval", "knn") if c.knn.every_steps else ("eval",))
-  _agree_on_config(c)  # Before any work, and before the Checkpointer writes config.json.
+  c = _checked_config(c, workdir)
   total = config_lib.total_steps(c)
   deps = train.make_deps(c)
   init_key, aug_key = jax.random.split(jax.random.PRNGKey(c.seed))
-  fresh = train.init_state(c, deps, init_key, pipelines.num_channels(c))
-  state = parallel.replicate(fresh)
   ckpt = checkpoint.Checkpointer.from_config(workdir, c)
-  restored = ckpt.restore_or_none(state, c)
-  start = 0 if restored is None else restored[0]
-  if restored is not None:
-    state = restored[1]
-    logging.info("resumed from step %d of %s", start, workdir)
+  # Left open when restoring fails: closing prunes, and the steps found are not this run's.
+  start, state = _restore_or_init(c, deps, init_key, ckpt)
   _agree_on_start(start)
-  source = pipelines.pretrain_dataset(c, process_index=jax.process_index(),
-                                 process_count=jax.process_count(),
-                                 local_device_count=jax.local_device_count(), start_step=start)
-  batches = pipelines.device_prefetch(source)
-  update = train.make_pmapped_update(deps)
-  eval_fn = evaluate.make_pmapped_probe_eval(deps.forward)
-  knn_fn = (evaluate.make_pmapped_features(deps.forward, "representation")
-            if c.knn.every_steps else None)
-  writer = writers.MetricWriter(workdir, total, images_per_step=c.batch_size, print_fn=print_fn)
-  guards = Guards(c.monitor.max_nonfinite_steps, c.monitor.collapse_threshold,
-                  c.monitor.collapse_patience, c.monitor.stop_on_collapse)
-  dim, last, pending, step = c.model.projector_out, {}, None, start
-
-  def consume(item):
-    nonlocal last
-    k, device_metrics = item
-    values = _host_metrics(device_metrics)
-    if not train.is_monitored_step(k, c.log.every_steps, total):
-      for key in train.MONITOR_KEYS:  # Not computed on this step (NaN placeholders).
-        del values[key]
-    guards.check(k, values, dim)
-    if k % c.log.every_steps == 0 or k == total:
-      values.update(skipped_images=source.skipped_images, nonfinite_total=guards.total_nonfinite)
-      writer.write(k, values)
-    last = values
-
-  with StopSignal() as stop, Profiler(workdir, c.profile.steps) as profiler:
-    try:
-      while step < total and not stop.event.is_set():
-        profiler.before(step + 1)
-        state, metrics = update(state, next(batches), aug_key)
-        step += 1
-        profiler.after(step, state)
-        if pending is not None:
-          consume(pending)
-        pending = (step, metrics)
-        if step % c.checkpoint.every_steps == 0:
-          consume(pending)  # Guards see this step before its state is saved.
-          pending = None
-        # Called every step: it saves when due, and writes the previous save's manifest as
-        # soon as orbax has finished it.
-        ckpt.save(step, state)
-        if c.eval.every_steps and step % c.eval.every_steps == 0 and step < total:
-          writer.write(step, _evaluate(c, eval_fn, state))
-        if knn_fn is not None and step % c.knn.every_steps == 0 and step < total:
-          writer.write(step, _knn(c, knn_fn, state))
-      if pending is not None:
-        consume(pending)
+  # Every resource is closed however the run ends (error, SIGTERM, guard); the checkpoint
+  # and the input first, so the final evaluation starts once the last save is on disk.
+  with writers.MetricWriter(workdir, total, images_per_step=c.batch_size,
+                            print_fn=print_fn) as writer:
+    with (_closed_on_every_path(ckpt),
+          contextlib.closing(_training_batches(c, start)) as batches,
+          StopSignal() as stop, Profiler(workdir, c.profile.steps) as profiler):
+      job = _job(c, deps, aug_key, ckpt, batches, writer)
+      state, step, last = _run_steps(job, state, start, stop.event, profiler)
       ckpt.save(step, state, force=True)
-    except (NonFiniteError, CollapseError):
-      ckpt.close()  # Every process raises these at the same step: metrics are global means.
-      raise
-    except BaseException:
-      _close_after_local_failure(ckpt)
-      raise
-    ckpt.close()
-  preempted = step < total
-  result = dict(last, step=step, preempted=preempted)
-  if not preempted:
-    final_eval = _evaluate(c, eval_fn, state)
-    if knn_fn is not None:
-      final_eval.update(_knn(c, knn_fn, state))
-    writer.write(step, final_eval)
-    result.update(final_eval)
-  writer.close()
+    result = dict(last, step=step, preempted=step < total)
+    if not result["preempted"]:
+      result.update(_final_evaluation(job, step, state))
   return result

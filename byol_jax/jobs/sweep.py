@@ -23,9 +23,12 @@ import shlex
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
+from matplotlib.figure import Figure
 import ml_collections
 
 from byol_jax import config as config_lib
+from byol_jax.evaluation import linear_eval
+from byol_jax.jobs import loop
 from byol_jax.store import files
 
 PrintFn = Callable[[str], None]
@@ -219,12 +222,10 @@ def final_metrics(by_step: Mapping[int, dict]) -> dict:
 
 
 def _default_pretrain(c, workdir, print_fn):
-  from byol_jax.jobs import loop  # Heavy (jax, tf): only when a run really starts.
   return loop.pretrain(c, workdir, print_fn)
 
 
 def _default_linear_eval(c, pretrained, workdir, print_fn):
-  from byol_jax.evaluation import linear_eval
   return linear_eval.run(c, pretrained=pretrained, workdir=workdir, print_fn=print_fn)
 
 
@@ -313,10 +314,10 @@ def write_results(rows: Sequence[dict], runs: Sequence[Run], workdir: str) -> No
 def plot_results(rows: Sequence[dict], curves: Mapping[str, Mapping[int, dict]],
                  path: str) -> None:
   """PNG: linear top-1 per run (bars), and loss and probe top-1 against step per run."""
-  import matplotlib
-  matplotlib.use("Agg")  # Files only; no display on clusters.
-  from matplotlib import pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  # A bare Figure, not pyplot: it draws to a file with no display (clusters have none) and
+  # sets no process-wide backend, so importing this module changes nothing for its caller.
+  fig = Figure(figsize=(16, 4.5))
+  axes = fig.subplots(1, 3)
   names = [row["name"] for row in rows]
   top1 = [row.get("linear_top1") or 0.0 for row in rows]
   bars = axes[0].bar(range(len(names)), [100 * t for t in top1], color="tab:blue")
@@ -338,7 +339,6 @@ def plot_results(rows: Sequence[dict], curves: Mapping[str, Mapping[int, dict]],
   fig.tight_layout()
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=80)
-  plt.close(fig)
   files.write_bytes_atomic(path, png.getvalue())
 
 

@@ -321,29 +321,20 @@ class Checkpointer:
     self.wait_until_finished()
     self._manager.reload()
     targets = abstract_global_state(template_state)
-    skipped = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      problem = integrity.verify_manifest(self.step_dir(step))
-      if problem:
-        logging.error("checkpoint step %d in %s is corrupt or incomplete and will not be used: "
-                      "%s. Trying an older one.", step, self.directory, problem)
-        skipped.append((step, problem))
-        continue
-      state = self._restore_step(step, targets)
-      if skipped:
-        self._quarantine([s for s, _ in skipped])
-        logging.warning("restored checkpoint step %d after skipping corrupt newer steps %s "
-                        "(moved to %s).", step, [s for s, _ in skipped],
-                        files.join(self.workdir, QUARANTINE_DIR))
+    found = integrity.newest_intact(
+        self.directory, self._manager.all_steps(),
+        fix="restore the files from a backup, or start afresh with another --workdir.")
+    if found is None:
       run_config.save_config(self.workdir, config)
-      return step, state
+      return None
+    step, skipped = found
+    state = self._restore_step(step, targets)
     if skipped:
-      details = "\n  ".join(f"step {s}: {p}" for s, p in skipped)
-      raise RuntimeError(
-          f"no intact checkpoint in {self.directory}:\n  {details}\nFix: restore the files "
-          "from a backup, or start afresh with another --workdir.")
+      self._quarantine(skipped)
+      logging.warning("restored checkpoint step %d after skipping corrupt newer steps %s "
+                      "(moved to %s).", step, skipped, files.join(self.workdir, QUARANTINE_DIR))
     run_config.save_config(self.workdir, config)
-    return None
+    return step, state
 
   def _restore_step(self, step: int, targets: PyTree) -> PyTree:
     check_layout(self._manager.item_metadata(step), targets,

@@ -69,10 +69,6 @@ def join(url: PathLike, *parts: str) -> str:
   return os.fspath(as_path(url).joinpath(*parts))
 
 
-def basename(url: PathLike) -> str:
-  return as_path(url).name
-
-
 def parent(url: PathLike) -> str:
   return os.fspath(as_path(url).parent)
 

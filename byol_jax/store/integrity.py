@@ -2,15 +2,17 @@
 
 Apart from checkpoint.py because neither check needs orbax: `nonfinite_leaves` reads a tree
 of arrays before it is saved, and the sha256 manifest reads a step's files after orbax has
-written them, so the read-only restore (checkpoint_reader.py) verifies a step with it too.
+written them. `newest_intact` is the one scan for the step to read: the restoring
+Checkpointer and the read-only reader (checkpoint_reader.py) both pick their step with it.
 
   <step_dir>/byol_jax_manifest.json
       sha256 and size of every other file of the step. Orbax restores a file with a flipped
       byte silently, so only a step whose manifest exists and matches is restored; a step
       whose save was in flight when the process died has none.
 """
-from typing import Any
+from typing import Any, Iterable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,34 @@ def verify_manifest(step_dir: str) -> str | None:
     if file_io.sha256(full) != expected[rel]["sha256"]:
       return f"file {rel} does not match its sha256 in the manifest (modified on disk)"
   return None
+
+
+def newest_intact(directory: str, steps: Iterable[int], fix: str) -> tuple[int, list[int]] | None:
+  """The newest of `steps` (subdirectories of `directory`) whose files match its manifest.
+
+  Newer steps that fail verification are logged as errors and passed over; what is done
+  with them (left in place, quarantined) is the caller's. Writes nothing.
+
+  Args:
+    directory: the checkpoints directory holding one subdirectory per step.
+    steps: the saved steps, in any order.
+    fix: the sentence that ends the error when no step is intact.
+
+  Returns:
+    (step, the newer steps passed over, newest first), or None when `steps` is empty.
+
+  Raises:
+    RuntimeError: steps exist but none is intact (each problem is named).
+  """
+  skipped = []
+  for step in sorted(steps, reverse=True):
+    problem = verify_manifest(file_io.join(directory, str(step)))
+    if problem is None:
+      return step, [s for s, _ in skipped]
+    logging.error("checkpoint step %d in %s is corrupt or incomplete and will not be used: "
+                  "%s. Trying an older one.", step, directory, problem)
+    skipped.append((step, problem))
+  if not skipped:
+    return None
+  details = "\n  ".join(f"step {s}: {p}" for s, p in skipped)
+  raise RuntimeError(f"no intact checkpoint in {directory}:\n  {details}\nFix: {fix}")

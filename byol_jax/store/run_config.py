@@ -2,10 +2,12 @@
 
 Apart from checkpoint.py because it concerns the config, not the arrays: the Checkpointer
 applies the guard before a restore, the loop compares processes' configs in the form saved
-here (`config_to_dict`), and pretrained.py reads config.json back to rebuild the network.
+here (`config_to_dict`), and the encoder loader (weights/pretrained.py) reads config.json
+back (`read_config`) to rebuild the network. Writing and reading config.json live here
+together, so the two stay one format.
 """
 import json
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -39,11 +41,66 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
+def _merge(base: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+  for key, value in values.items():
+    current = base.get(key) if key in base else None
+    if isinstance(value, Mapping):
+      if not isinstance(current, ml_collections.ConfigDict):
+        base[key] = ml_collections.ConfigDict()
+      _merge(base[key], value)
+    elif isinstance(value, list) and isinstance(current, tuple):
+      base[key] = tuple(value)
+    else:
+      base[key] = value
+
+
+def config_from_json(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A config from its config.json dict (`config_to_dict`'s form), on today's defaults.
+
+  JSON turns tuples into lists: a list where the schema holds a tuple becomes a tuple
+  again. Fields the saved run predates keep their defaults; fields the schema no longer has
+  are kept as saved; legacy values are kept as saved (the schema takes them, e.g.
+  config.resolve_zero_init reads model.zero_init_residual's false / true).
+
+  Args:
+    saved: the parsed config.json of a workdir (or an export's 'config' header).
+
+  Returns:
+    An unlocked ConfigDict.
+  """
+  c = config_lib.base_config()
+  c.unlock()
+  _merge(c, saved)
+  return c
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the run in `workdir`, from its config.json (`config_from_json`).
+
+  Raises:
+    FileNotFoundError: no config.json: `workdir` is not a pretraining workdir.
+  """
+  path = file_io.join(workdir, CONFIG_FILE)
+  if not file_io.is_file(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a pretraining workdir "
+                            "(byol-jax pretrain writes config.json beside checkpoints/).")
+  return config_from_json(file_io.read_json(path))
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+  """A nested dict as one level: {"optim": {"base_lr": 1.0}} -> {"optim.base_lr": 1.0}.
+
+  Args:
+    tree: nested mappings (a config as `config_to_dict` gives it).
+    prefix: put before every key (the path of `tree` itself; '' at the top).
+
+  Returns:
+    Dotted field name -> leaf value.
+  """
   flat = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, f"{prefix}{key}."))
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = value
   return flat
@@ -60,10 +117,10 @@ def config_mismatches(saved: Mapping, current: Mapping) -> list[str]:
     saved config lacks counts as its schema default, one the current config lacks as a
     difference. Empty when the saved state can be resumed.
   """
-  old, new = _flatten(saved), _flatten(current)
+  old, new = flatten(saved), flatten(current)
   # A field the saved run predates had the behaviour of its schema default (fields are added
   # with a default that keeps the old behaviour), so an absent saved field compares as that.
-  defaults = _flatten(config_to_dict(config_lib.base_config()))
+  defaults = flatten(config_to_dict(config_lib.base_config()))
   absent = object()
   lines = []
   for field in sorted(set(old) | set(new)):

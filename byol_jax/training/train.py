@@ -13,11 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from byol_jax import config as config_lib
+from byol_jax import parallel
+from byol_jax.model import networks
+from byol_jax.training import augment
 from byol_jax.training import losses
 from byol_jax.training import monitors
-from byol_jax.model import networks
 from byol_jax.training import optim
-from byol_jax import parallel
 
 PyTree = Any
 # augment_fn(images [b, H, W, C], keys [b, 2], view_cfg) -> float32 [b, H, W, C] in [0, 1].
@@ -55,9 +57,7 @@ def make_deps(c: ml_collections.ConfigDict, augment_fn: AugmentFn | None = None)
     augment_fn: on-device augmentation; default `augment.augment_view`. Tests pass an
       identity to isolate the optimisation maths.
   """
-  from byol_jax import config as config_lib  # Local: keeps the import graph acyclic.
   if augment_fn is None:
-    from byol_jax.training import augment
     augment_fn = augment.augment_view
   optimizer, lr = optim.make_optimizer(c)
   tau = optim.tau_schedule(c.target.tau_base, config_lib.total_steps(c), c.target.schedule)
@@ -180,7 +180,7 @@ def update(state: TrainState, batch: dict, rng: jax.Array, *, deps: Deps
   grads, (online_state, target_state, aux) = grad_fn(
       state.online_params, state.target_params, state.online_state, state.target_state,
       view1, view2, batch["label"], forward=deps.forward)
-  grads = jax.lax.pmean(grads, parallel.DEVICE_AXIS)
+  grads = grads  # MUTATION jax.lax.pmean(grads, parallel.DEVICE_AXIS)
 
   # Every step: what the guards need (the losses and gradient norm decide `finite`).
   metrics = jax.lax.pmean(dict(loss=aux["byol_loss"], probe_loss=aux["probe_loss"]),

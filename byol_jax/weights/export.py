@@ -4,8 +4,9 @@
 pretraining workdir, an authors' release .pkl, or a byol_jax export to convert) as one
 safetensors file in one of export_formats.FORMATS ('byol_jax' or 'torchvision'; layouts
 in export_formats.py), written whole or not at all (files.write_bytes_atomic: a renamed
-temporary file locally, one upload on gs://), so `out` is never half a file. `load_encoder(path)` turns an export (or anything else `pretrained.load` reads) into
-an `Encoder`, a function of images.
+temporary file locally, one upload on gs://), so `out` is never half a file.
+`load_encoder(path)` turns an export (or anything else `pretrained.load` reads) into an
+`Encoder`, a function of images.
 
 Names: `out` is used as given, with or without an extension. Files are recognised by
 their content (a safetensors header, a pickle header), never by their name, so an export
@@ -20,12 +21,8 @@ import numpy as np
 from byol_jax.weights import export_formats
 from byol_jax.store import files
 from byol_jax.model import networks
+from byol_jax.weights import encoder_weights
 from byol_jax.weights import pretrained as pretrained_lib
-
-
-# The format functions users reached through this module before they moved.
-read_export = export_formats.read_export
-torchvision_state_dict = export_formats.torchvision_state_dict
 
 
 class Encoder:
@@ -37,7 +34,7 @@ class Encoder:
     model: the model config section; pretrained: the weights.
   """
 
-  def __init__(self, p: pretrained_lib.Pretrained):
+  def __init__(self, p: encoder_weights.Pretrained):
     self.pretrained, self.model = p, p.model
     self.image_size, self.channels = p.image_size, p.channels
     self.dim = networks.representation_dim(p.model)
@@ -84,7 +81,7 @@ def load_encoder(path: str) -> Encoder:
   return Encoder(pretrained_lib.load(path))
 
 
-def write(p: pretrained_lib.Pretrained, out: str, fmt: str = "byol_jax") -> str:
+def write(p: encoder_weights.Pretrained, out: str, fmt: str = "byol_jax") -> str:
   """Writes a Pretrained encoder to `out` in format `fmt`, atomically.
 
   Args:

@@ -32,6 +32,7 @@ import safetensors.numpy
 from byol_jax.weights import encoder_weights
 from byol_jax.store import files
 from byol_jax.model import networks
+from byol_jax.store import run_config
 
 FORMAT_VERSION = 1
 BYOL_JAX_FORMAT = "byol_jax.encoder"
@@ -44,7 +45,6 @@ EXPORT_SAME_PADDING_NOTE = (
     "deviation / lowest cosine similarity: ResNet-18 27% / 0.95 at 32 px, 18% / 0.98 at "
     "64 px; ResNet-50 13% / 0.99 at 32 px, 7.5% / 0.997 at 64 px; smaller at larger "
     "images). Train with model.padding='symmetric' for an exact transfer.")
-Pretrained = encoder_weights.Pretrained
 
 
 def safetensors_header(data: bytes) -> dict[str, Any] | None:
@@ -79,7 +79,7 @@ def input_normalisation(model_cfg, channels: int) -> tuple[list[float], list[flo
   return [float(np.mean(networks.IMAGE_MEAN))], [float(np.mean(networks.IMAGE_STD))]
 
 
-def _byol_jax_tensors(p: Pretrained) -> tuple[dict, dict]:
+def _byol_jax_tensors(p: encoder_weights.Pretrained) -> tuple[dict, dict]:
   tensors = {}
   for kind, tree in (("params", p.params), ("state", p.state)):
     for module, leaves in tree.items():
@@ -93,7 +93,7 @@ def _byol_jax_tensors(p: Pretrained) -> tuple[dict, dict]:
                    "config": json.dumps(header, sort_keys=True)}
 
 
-def read_export(path: str, data: bytes | None = None) -> Pretrained:
+def read_export(path: str, data: bytes | None = None) -> encoder_weights.Pretrained:
   """Reads a byol_jax-format export back into a Pretrained (source 'byol_jax').
 
   Args:
@@ -123,16 +123,17 @@ def read_export(path: str, data: bytes | None = None) -> Pretrained:
     kind, module, name = key.split(":")
     trees[kind].setdefault(module, {})[name] = value
   config = json.loads(meta["config"])
-  model = encoder_weights.config_from_json({"model": config["model"]}).model
-  return Pretrained(model=model, params=trees["params"], state=trees["state"],
-                    image_size=int(config["image_size"]), channels=int(config["channels"]),
-                    step=int(config["step"]), source="byol_jax")
+  model = run_config.config_from_json({"model": config["model"]}).model
+  return encoder_weights.Pretrained(
+      model=model, params=trees["params"], state=trees["state"],
+      image_size=int(config["image_size"]), channels=int(config["channels"]),
+      step=int(config["step"]), source="byol_jax")
 
 
 # ---------------------------------------------------------------- torchvision format
 
 
-def _torchvision_blocker(p: Pretrained) -> str | None:
+def _torchvision_blocker(p: encoder_weights.Pretrained) -> str | None:
   m = p.model
   checks = (
       (m.encoder in TORCHVISION_ENCODERS,
@@ -169,7 +170,7 @@ def _torch_module_name(module: str) -> str:
   return f"{prefix}.{'conv' if kind == 'conv' else 'bn'}{int(index) + 1}"
 
 
-def torchvision_state_dict(p: Pretrained) -> dict[str, np.ndarray]:
+def torchvision_state_dict(p: encoder_weights.Pretrained) -> dict[str, np.ndarray]:
   """The encoder as a torchvision ResNet state_dict (no 'fc'), NumPy arrays.
 
   Conv kernels HWIO -> OIHW; batch norm scale/offset -> weight/bias, the moving averages
@@ -201,7 +202,7 @@ def torchvision_state_dict(p: Pretrained) -> dict[str, np.ndarray]:
   return {k: np.array(v, order="C") for k, v in out.items()}
 
 
-def _torchvision_tensors(p: Pretrained) -> tuple[dict, dict]:
+def _torchvision_tensors(p: encoder_weights.Pretrained) -> tuple[dict, dict]:
   tensors = torchvision_state_dict(p)
   if p.model.padding != "symmetric":
     logging.warning("torchvision export: %s", EXPORT_SAME_PADDING_NOTE)
@@ -226,7 +227,7 @@ def check_format(fmt: str) -> None:
     raise ValueError(f"unknown export format {fmt!r}; valid: {sorted(FORMATS)}.")
 
 
-def encode(p: Pretrained, fmt: str = "byol_jax") -> bytes:
+def encode(p: encoder_weights.Pretrained, fmt: str = "byol_jax") -> bytes:
   """The safetensors file of `p` in format `fmt` (see the module docstring).
 
   Raises:

@@ -4,42 +4,38 @@
 writing anything), a byol_jax export (export_formats.py's safetensors layout) or a
 release checkpoint of the BYOL authors (.pkl, release.py), and returns the online encoder's
 parameters and batch-norm state under the names `networks.make_encoder_network` uses,
-with the model config needed to build that network. `resolve(config, spec)` also accepts
-two baseline words: `random`, the recipe's encoder with random weights (`random_init`),
-which every evaluation command can be run on (`--pretrained=random`), and `pixels`, the
-standardised raw pixels (baselines.py) for the linear protocol and kNN only
-(`--pretrained=pixels`).
+with the model config needed to build that network. A workdir is read with the encoder
+network alone: its config.json builds the network, the network's parameter tree is the
+template, and only those arrays are read from the checkpoint.
 
 This is the hub that knows the formats: it imports their readers (export_formats,
 release), which know nothing of it; export.py, which writes exports from anything loaded
-here, sits above it. Paths are local or gs:// (files.py).
+here, sits above it. The baselines the evaluation commands accept as `--pretrained`
+('random', 'pixels') are evaluation/baselines.py's. Paths are local or gs:// (files.py).
 """
 import os
 from typing import Any, Mapping
 
 import jax
-import ml_collections
+import jax.numpy as jnp
 import numpy as np
 
+from byol_jax.model import networks
 from byol_jax.store import checkpoint_reader
+from byol_jax.store import files
+from byol_jax.store import run_config
 from byol_jax.weights import encoder_weights
 from byol_jax.weights import export_formats
-from byol_jax.store import files
 from byol_jax.weights import release
-from byol_jax.store import run_config
 
-# The types every reader returns, re-exported: callers know this module only.
-ENCODER_PREFIX = encoder_weights.ENCODER_PREFIX
-SOURCES = encoder_weights.SOURCES
-Pretrained = encoder_weights.Pretrained
-config_from_json = encoder_weights.config_from_json
-RANDOM = "random"  # The `--pretrained` value for a randomly initialised encoder.
+# The TrainState fields of the online network, where a workdir's encoder is read from.
+ONLINE_FIELDS = ("online_params", "online_state")
 
 
-def encoder_subtree(tree: Mapping[str, Any]) -> dict:
-  """The 'encoder/...' modules of a Haiku params/state dict, as host NumPy arrays."""
-  return {module: {name: np.asarray(value) for name, value in leaves.items()}
-          for module, leaves in tree.items() if module.startswith(ENCODER_PREFIX)}
+def _encoder_part(tree: Mapping[str, Any]) -> dict:
+  """The 'encoder/...' modules of a Haiku params/state dict (arrays or their metadata)."""
+  return {module: dict(leaves) for module, leaves in tree.items()
+          if module.startswith(encoder_weights.ENCODER_PREFIX)}
 
 
 def _saved_channels(layout: Any, workdir: str) -> int:
@@ -50,30 +46,33 @@ def _saved_channels(layout: Any, workdir: str) -> int:
                      f"initial_conv']['w'] ({e!r}); it was not written by byol-jax pretrain.")
 
 
-def load_workdir(workdir: str) -> Pretrained:
+def load_workdir(workdir: str) -> encoder_weights.Pretrained:
   """The online encoder of a pretraining workdir's newest intact checkpoint (read-only).
 
-  Corrupt or unfinished newer steps are skipped with a logged error. Nothing is written
-  into the workdir.
+  Only the encoder's arrays are read, into a template the encoder network gives (built
+  from config.json's model section and the saved input channels); every saved encoder
+  array must match it in shape and dtype. Corrupt or unfinished newer steps are skipped
+  with a logged error. Nothing is written into the workdir.
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint. RuntimeError: none intact.
+    ValueError: the saved encoder does not fit the network config.json describes.
   """
-  from byol_jax.training import train  # Local: train pulls in the optimiser stack.
-  config_path = files.join(workdir, run_config.CONFIG_FILE)
-  if not files.is_file(config_path):
-    raise FileNotFoundError(f"{config_path} not found: {workdir} is not a pretraining workdir "
-                            "(byol-jax pretrain writes config.json beside checkpoints/).")
-  c = config_from_json(files.read_json(config_path))
+  c = run_config.read_config(workdir)
   step = checkpoint_reader.intact_step(workdir)
-  channels = _saved_channels(checkpoint_reader.step_layout(workdir, step), workdir)
-  deps = train.make_deps(c)
-  template = jax.eval_shape(lambda key: train.init_state(c, deps, key, channels),
-                            jax.random.PRNGKey(0))
-  state = checkpoint_reader.restore_step(workdir, step, template)
-  return Pretrained(model=c.model, params=encoder_subtree(state.online_params),
-                    state=encoder_subtree(state.online_state), image_size=int(c.image_size),
-                    channels=channels, step=step, source="workdir")
+  layout = checkpoint_reader.step_layout(workdir, step)
+  channels = _saved_channels(layout, workdir)
+  net = networks.make_encoder_network(c.model)
+  images = jax.ShapeDtypeStruct((1, c.image_size, c.image_size, channels), jnp.float32)
+  params, state = jax.eval_shape(
+      lambda x: net.init(jax.random.PRNGKey(0), x, is_training=True), images)
+  template = dict(zip(ONLINE_FIELDS, (params, state)))
+  saved = {field: _encoder_part(layout.get(field, {})) for field in ONLINE_FIELDS}
+  online = jax.tree_util.tree_map(
+      np.asarray, checkpoint_reader.restore_step(workdir, step, template, saved=saved))
+  return encoder_weights.Pretrained(
+      model=c.model, params=online["online_params"], state=online["online_state"],
+      image_size=int(c.image_size), channels=channels, step=step, source="workdir")
 
 
 def file_kind(data: bytes) -> str | None:
@@ -90,7 +89,7 @@ def file_kind(data: bytes) -> str | None:
   return None
 
 
-def load(path: "str | os.PathLike") -> Pretrained:
+def load(path: "str | os.PathLike") -> encoder_weights.Pretrained:
   """Loads a pretrained encoder from a workdir, a byol_jax export or an authors' .pkl.
 
   A file is recognised by its content (`file_kind`), whatever its name or extension.
@@ -123,51 +122,3 @@ def load(path: "str | os.PathLike") -> Pretrained:
   raise ValueError(f"{path} ({len(data)} bytes, starting {data[:16].hex(' ') or 'empty'}) is "
                    "neither a safetensors export nor a pickle checkpoint; pass a pretraining "
                    "workdir, a byol_jax export or an authors' release .pkl.")
-
-
-def random_init(c: ml_collections.ConfigDict, bn_batches: int = 50) -> Pretrained:
-  """The recipe's encoder with random weights: the baseline a pretrained encoder must beat.
-
-  Weights are drawn as pretraining draws them (seed `c.seed + 1`, so not the pretraining
-  run's own initialisation). Batch-norm moving statistics are estimated on `bn_batches`
-  centre-cropped training batches (training-mode forward passes, decay model.bn_decay), so
-  the baseline is not crippled by the initial statistics (mean 0, variance 1).
-
-  Args:
-    c: the run config (model, data set, image size, batch size, seed).
-    bn_batches: training batches for the batch-norm statistics (0: keep the initial ones).
-
-  Returns:
-    Pretrained with source 'random' and step 0.
-  """
-  from byol_jax.data import pipelines  # Local: data pulls in TensorFlow.
-  from byol_jax.model import networks
-  net = networks.make_encoder_network(c.model)
-  channels = pipelines.num_channels(c)
-  dummy = np.zeros((2, c.image_size, c.image_size, channels), np.float32)
-  params, state = net.init(jax.random.PRNGKey(c.seed + 1), dummy, is_training=True)
-  update = jax.jit(lambda s, x: net.apply(params, s, None, x, is_training=True)[1])
-  if bn_batches > 0:
-    source = pipelines.eval_dataset(c, c.dataset.train_split, local_device_count=1)
-    for i, batch in enumerate(source):
-      if i == bn_batches:
-        break
-      state = update(state, np.asarray(batch["image"][0], np.float32) / 255.0)  # uint8 -> [0, 1].
-  host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
-  return Pretrained(model=c.model, params=host(params), state=host(state),
-                    image_size=int(c.image_size), channels=channels, step=0, source=RANDOM)
-
-
-def resolve(c: ml_collections.ConfigDict, spec: "str | os.PathLike | Pretrained") -> Pretrained:
-  """`--pretrained` as the evaluation commands read it: a Pretrained is returned as is,
-  'random' gives `random_init(c)`, 'pixels' `baselines.pixels_baseline(c)` (not an
-  encoder: build its features with `baselines.feature_network`), anything else is a path
-  for `load`."""
-  if isinstance(spec, Pretrained):
-    return spec
-  if os.fspath(spec) == RANDOM:
-    return random_init(c)
-  from byol_jax.evaluation import baselines  # Local: it pulls in the networks.
-  if os.fspath(spec) == baselines.PIXELS:
-    return baselines.pixels_baseline(c)
-  return load(spec)

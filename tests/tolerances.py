@@ -1,0 +1,113 @@
+"""Floating-point tolerances derived from the computation, shared by the tests.
+
+A tolerance here is never "what one CPU gave": it is either
+- an a-priori rounding bound (Higham, "Accuracy and Stability of Numerical Algorithms",
+  2nd ed., ch. 2-4): one float32 operation rounds with relative error at most
+  u = 2**-24 = EPS32 / 2, so k elementwise operations on values of size s are off by at
+  most about k u s; we count in EPS32 (one ulp at 1.0), which leaves a factor 2 of
+  margin. A sum of n terms, in any order (sequential, pairwise, split over devices), is
+  off by at most (n - 1) u sum|x_i| / (1 - (n - 1) u) <= n EPS32 sum|x_i| (`sum_bound`);
+  a dot product is the sum of its products. bfloat16 keeps 8 significant bits: relative
+  rounding BF16_U = 2**-8 per rounding;
+- or a float64 reference of the same computation: a float32 variant (another device count,
+  another program) must be no less accurate against it than the float32 baseline, up to a
+  small factor (`assert_no_less_accurate`).
+"""
+import jax
+import numpy as np
+
+EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: one float32 ulp at 1.0 (u = EPS32 / 2).
+BF16_U = 2.0**-8  # Unit roundoff of bfloat16 (8 significant bits).
+
+
+def ulps(k, scale=1.0):
+  """k float32 ulps of `scale` (elementwise, float64): k roundings of values of size |scale|."""
+  return k * EPS32 * np.abs(np.asarray(scale, np.float64))
+
+
+def sum_bound(terms, axis=None):
+  """Worst-case float32 rounding error of sum(terms) along `axis`, in any summation order.
+
+  n EPS32 sum|x_i| with n the number of terms summed (>= Higham's gamma_{n-1} sum|x_i|).
+  For a mean divide both the sum and this bound by n; for a dot product pass the products.
+  """
+  terms = np.abs(np.asarray(terms, np.float64))
+  n = terms.size if axis is None else np.prod([terms.shape[a] for a in np.atleast_1d(axis)])
+  return n * EPS32 * np.sum(terms, axis=axis)
+
+
+def assert_close(actual, expected, bound, err_msg=""):
+  """|actual - expected| <= bound elementwise (bound broadcasts), compared in float64.
+
+  Equal infinities and NaNs in the same places count as equal.
+  """
+  a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  bound = np.broadcast_to(np.asarray(bound, np.float64), np.broadcast_shapes(a.shape, e.shape))
+  assert a.shape == e.shape or a.size == e.size == 1 or e.ndim == 0, (a.shape, e.shape, err_msg)
+  same = (a == e) | (np.isnan(a) & np.isnan(e))
+  err = np.where(same, 0.0, np.abs(a - e))
+  bad = ~(err <= bound)
+  if np.any(bad):
+    i = np.unravel_index(np.argmax(np.where(bad, err - bound, -np.inf)), bad.shape)
+    raise AssertionError(
+        f"{err_msg}: {int(bad.sum())} of {bad.size} elements off by more than the bound; "
+        f"worst at {tuple(int(j) for j in i)}: actual {a[i] if a.ndim else a}, expected "
+        f"{e[i] if e.ndim else e}, error {err[i]:.3g} > bound {bound[i]:.3g}")
+
+
+def float64(tree):
+  """The tree on the host with floating leaves in float64 (integer and bool leaves as they are)."""
+  def cast(x):
+    x = np.asarray(x)
+    return x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
+  return jax.tree_util.tree_map(cast, tree)
+
+
+def max_error(actual, reference) -> float:
+  """max |actual - reference| over the array, in float64 (0 for an empty array)."""
+  a, r = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+  return float(np.max(np.abs(a - r))) if r.size else 0.0
+
+
+def module_scales(reference):
+  """Per leaf: max |value| over the leaf and its siblings (the leaves of its Haiku module:
+  same path but the last key); a top-level leaf is its own group. Floating leaves only."""
+  flat = jax.tree_util.tree_flatten_with_path(reference)[0]
+  group = lambda path: path[:-1] if len(path) > 1 else path  # noqa: E731
+  scales = {}
+  for path, x in flat:
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating) and x.size:
+      key = group(path)
+      scales[key] = max(scales.get(key, 0.0), float(np.max(np.abs(x))))
+  return {jax.tree_util.keystr(p): scales.get(group(p), 0.0) for p, _ in flat}
+
+
+def assert_no_less_accurate(variant, baseline, reference, factor, floor_ulps):
+  """Leaf by leaf: err(variant) <= factor * max(err(baseline), floor).
+
+  err is the max absolute difference from `reference`, a float64 run of the same
+  computation; `baseline` is the float32 computation whose accuracy is taken as what float32
+  achieves here, and `variant` the float32 computation under test (e.g. another device
+  count). floor = floor_ulps EPS32 times the largest |value| of the leaf's module
+  (`module_scales`): rounding in a layer is relative to the layer's values, so a leaf whose
+  exact value is 0 or tiny (a bias before batch norm gets a gradient of pure cancellation)
+  is held to the module's rounding level, not to its own noise. Integer and bool leaves must
+  be equal in all three.
+  """
+  scales = module_scales(reference)
+
+  def check(path, v, b, r):
+    name = jax.tree_util.keystr(path)
+    v, b, r = np.asarray(v), np.asarray(b), np.asarray(r)
+    if not np.issubdtype(r.dtype, np.floating):
+      assert np.array_equal(v, r) and np.array_equal(b, r), f"{name}: {v} / {b} != {r}"
+      return
+    err_v, err_b = max_error(v, r), max_error(b, r)
+    floor = floor_ulps * EPS32 * scales[name]
+    limit = factor * max(err_b, floor)
+    assert err_v <= limit, (
+        f"{name}: max error {err_v:.3g} against float64 > {factor} x max(baseline error "
+        f"{err_b:.3g}, floor {floor:.3g}) = {limit:.3g}")
+
+  jax.tree_util.tree_map_with_path(check, variant, baseline, reference)
