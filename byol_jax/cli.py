@@ -4,6 +4,7 @@ The only module that defines flags. Each subcommand is a small function that rea
 flags and calls the library; no maths here. Bad input exits 2 with its whole message on
 stderr and no traceback; `byol-jax --help` and `byol-jax COMMAND --help` print usage.
 """
+import dataclasses
 import json
 import logging as std_logging
 import os
@@ -16,6 +17,7 @@ from typing import Callable
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from byol_jax import config as config_lib
@@ -73,8 +75,13 @@ flags.DEFINE_enum("format", "byol_jax", ["byol_jax", "torchvision"],
                   "or torchvision (ResNet state dict, safetensors).")
 flags.DEFINE_string("base", None, "sweep: the recipe every run starts from, "
                     "configs/<recipe>.py[:arg].")
-flags.DEFINE_bool("print_commands", False, "sweep: print one shell command per run (for a "
-                  "cluster launcher) and run nothing.")
+flags.DEFINE_bool("print_commands", False, "sweep: print one shell command per run, line I "
+                  "`byol-jax sweep ... --run=I` with this command's --config.* and multi-host "
+                  "flags (for a cluster launcher), and run nothing.")
+flags.DEFINE_integer("run", None, "sweep: run only run I (0-based, in the sweep file's order; "
+                     "one job of a scheduler's array), resumably, in DIR/<run name>; no table.")
+flags.DEFINE_bool("collect", False, "sweep: tabulate the finished runs from their directories "
+                  "(results.csv/.md/.png) and list the missing and unfinished ones; runs nothing.")
 flags.DEFINE_float("memory_budget_gb", None, "bench memory: per-device budget in GiB (default: "
                    "this host's available memory / local devices).")
 
@@ -102,8 +109,10 @@ commands:
                                        semi-supervised fine-tuning on a labelled subset
   export (--workdir=DIR | --from_release=FILE.pkl) --out=PATH [--format=byol_jax|torchvision]
                                        the online encoder for transfer
-  sweep experiments/FILE.py --base=configs/RECIPE.py[:arg] --workdir=DIR [--print_commands]
-        [--config.key=value ...]       run or resume every run of a sweep, evaluate, tabulate
+  sweep experiments/FILE.py --base=configs/RECIPE.py[:arg] --workdir=DIR [--config.key=value ...]
+        [--run=I | --collect | --print_commands]
+                                       run or resume every run of a sweep (or run I alone),
+                                       evaluate, tabulate (--collect: tabulate only)
 
 `byol-jax COMMAND --help` lists a command's flags.
 """
@@ -111,7 +120,7 @@ commands:
 # The flags each command reads, in the order its --help lists them.
 _MULTIHOST = ("coordinator_address", "num_processes", "process_id", "distributed",
               "initialization_timeout", "heartbeat_timeout")
-_EVALUATION_FLAGS = ("config", "pretrained", "workdir")
+_EVALUATION_FLAGS = ("config", "pretrained", "workdir", *_MULTIHOST)
 COMMAND_FLAGS = {
     "pretrain": ("config", "workdir", *_MULTIHOST),
     "prepare-data": ("source", "name", "data_dir"),
@@ -121,7 +130,7 @@ COMMAND_FLAGS = {
     "knn": _EVALUATION_FLAGS,
     "finetune": _EVALUATION_FLAGS,
     "export": ("workdir", "from_release", "out", "format"),
-    "sweep": ("base", "workdir", "print_commands"),
+    "sweep": ("base", "workdir", "run", "collect", "print_commands", *_MULTIHOST),
 }
 
 
@@ -160,6 +169,10 @@ def _config_for_synthetic():
 
 def _maybe_initialize_distributed() -> None:
   """jax.distributed.initialize from flags, $JAX_* variables, or cluster auto-detection.
+
+  The one start-up of the multi-host runtime: every command that computes on the devices
+  (pretrain, linear-eval, knn, finetune, sweep) calls it once, after its own checks and
+  before any device work; a sweep's runs then all run on every process.
 
   Failure handling (jax's coordination service): every process sends heartbeats to the
   service on process 0; one silent for --heartbeat_timeout seconds is declared dead and
@@ -246,15 +259,26 @@ def _bench(args: list[str]) -> None:
 _BASELINES = (baselines.RANDOM, baselines.PIXELS)
 
 
-def _check_urls() -> None:
-  """Refuses a path flag whose URL scheme no filesystem here handles, before any work."""
-  for name in ("workdir", "out", "from_release", "pretrained"):
-    value = getattr(FLAGS, name)
-    if value and not (name == "pretrained" and value in _BASELINES):
+# Every path a command line names, as a flag or a config field: a URL whose scheme must be
+# one byol_jax handles (local or gs://, store/files.py), checked before any work.
+PATH_FLAGS = ("workdir", "out", "from_release", "pretrained", "source", "data_dir")
+PATH_FIELDS = ("dataset.data_dir", "finetune.subset_file")
+
+
+def _check_urls(c: ml_collections.ConfigDict | None) -> None:
+  """Refuses a path flag or config field whose URL scheme no filesystem here handles."""
+  named = {f"--{name}": getattr(FLAGS, name) for name in PATH_FLAGS}
+  for field in PATH_FIELDS if c is not None else ():
+    value = c
+    for part in field.split("."):
+      value = value[part]
+    named[f"--config.{field}"] = value
+  for name, value in named.items():
+    if value and not (name == "--pretrained" and value in _BASELINES):
       try:
         files.check_url(value)
       except ValueError as e:
-        raise UsageError(f"--{name}={e}") from None
+        raise UsageError(f"{name}={e}") from None
 
 
 def _require(**named) -> None:
@@ -269,6 +293,7 @@ def _evaluation(module, function: str):
       raise UsageError(f"unexpected positional arguments {args}.")
     _require(pretrained=FLAGS.pretrained, workdir=FLAGS.workdir)
     c = _config()
+    _maybe_initialize_distributed()
     # Looked up per call, so a test's stand-in for the function is the one that runs.
     getattr(module, function)(c, FLAGS.pretrained, FLAGS.workdir)
   return command
@@ -288,10 +313,16 @@ def _export(args: list[str]) -> None:
 def _sweep(args: list[str], overrides: list[str]) -> None:
   if len(args) != 1:
     raise UsageError("usage: byol-jax sweep experiments/FILE.py --base=configs/RECIPE.py "
-                     "--workdir=DIR [--print_commands] [--config.key=value ...]")
+                     "--workdir=DIR [--run=I | --collect | --print_commands] "
+                     "[--config.key=value ...]")
   _require(base=FLAGS.base, workdir=FLAGS.workdir)
+  if not (FLAGS.print_commands or FLAGS.collect):  # Those compute nothing on devices.
+    _maybe_initialize_distributed()
+  # The multi-host flags as given, for the printed commands (a default stays implicit).
+  launch_flags = [FLAGS[name].serialize() for name in _MULTIHOST if FLAGS[name].present]
   status = sweep.main_like(args[0], FLAGS.base, FLAGS.workdir, overrides=overrides,
-                           print_commands=FLAGS.print_commands)
+                           print_commands=FLAGS.print_commands, run=FLAGS.run,
+                           collect_only=FLAGS.collect, launch_flags=launch_flags)
   if status:
     raise SystemExit(status)
 
@@ -352,39 +383,134 @@ def command_usage(command: str) -> str:
   return "\n".join(lines)
 
 
-def run(argv: list[str]) -> None:
-  """Parses `argv` (program name first) and runs the subcommand; raises on bad input."""
-  FLAGS.unparse_flags()  # Each run starts from the defaults (run() may be called repeatedly).
+# The commands whose first positional argument picks what they do: (what it names, its values).
+SUBCOMMANDS = {"bench": ("benchmark", ("input", "memory", "step")),
+               "prepare-data": ("source", ("fashion_mnist", "image_folder"))}
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandLine:
+  """A command line as `parse` read and checked it; its flag values are in FLAGS."""
+  command: str  # A key of COMMAND_FLAGS; '' with help=True: the command list.
+  args: list[str]  # The positional arguments after the command.
+  help: bool = False  # `--help`, `-h` or `help`: nothing else was parsed.
+  config: ml_collections.ConfigDict | None = None  # The recipe with its overrides, if any.
+  overrides: tuple[str, ...] = ()  # sweep: its --config.key=value flags, for every run.
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """FLAGS(argv) -> the positional arguments, with absl's and ml_collections' errors as
+  UsageErrors.
+
+  ml_collections defines one flag per --config.key=value it finds in sys.argv while the
+  --config flag is parsed: sys.argv is `argv` meanwhile (as for the console script), and
+  the override flags of an earlier parse in this process are dropped first (absl refuses a
+  flag defined twice), so that in-process callers get what the command line gets.
+  """
+  for name in [n for n in FLAGS if n.startswith("config.")]:
+    delattr(FLAGS, name)
+  saved, sys.argv = sys.argv, list(argv)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    text = str(e)
+    head, sep, trace = text.partition(": Error whilst parsing config file")
+    if sep:  # The recipe's get_config raised: its message, not ml_collections' traceback.
+      text = f"{head.removeprefix('flag ')}: {trace.strip().splitlines()[-1].partition(': ')[2]}"
+    raise UsageError(text) from None
+  except (AttributeError, KeyError) as e:  # ml_collections: a --config.key that does not exist.
+    raise UsageError(f"unknown config field {str(e).strip(chr(34) + chr(39))!r} in a --config.* override; the valid fields are "
+                     "those of the recipe (see byol_jax/config.py).") from None
+  except TypeError as e:  # ml_collections: a value of the wrong type for its field.
+    raise UsageError(f"bad --config.* value: {e}") from None
+  finally:
+    sys.argv = saved
+
+
+def _check_flags(command: str) -> None:
+  """Refuses a byol-jax flag given to a command that does not read it."""
+  mine = COMMAND_FLAGS[command]
+  foreign = [n for n in sorted(set().union(*COMMAND_FLAGS.values()))
+             if FLAGS[n].present and n not in mine]
+  if foreign:
+    raise UsageError(f"{command} does not take {', '.join('--' + n for n in foreign)}; its "
+                     f"flags: {', '.join('--' + n for n in mine)} (`byol-jax {command} --help`).")
+
+
+def _recipe() -> ml_collections.ConfigDict:
+  """--config's recipe with its overrides, validated; a file that cannot be loaded named."""
+  try:
+    return _config()
+  except OSError as e:  # ml_collections defers a failed load to the first access.
+    spec = FLAGS["config"].config_filename
+    reason = ("no such file" if not os.path.isfile(spec.split(":", 1)[0])
+              else " ".join(str(e).split()))
+    raise UsageError(f"--config={spec}: {reason}; a recipe is a local .py file, e.g. "
+                     "configs/byol_imagenet.py[:ARG].") from None
+
+
+def parse(argv: list[str]) -> CommandLine:
+  """Parses and checks `argv` (program name first) without running anything.
+
+  Every command line passes here before its command starts (`run`), and
+  tests/test_doc_commands.py passes every command of the docs through it. Checked: the
+  command exists; each byol-jax flag given is one of its flags (COMMAND_FLAGS); the first
+  positional argument of the SUBCOMMANDS; the recipe (--config=FILE[:ARG], or sweep's
+  --base with its sweep file) loads and validates with every --config.key=value applied,
+  each naming an existing field with a value of its type; every path (PATH_FLAGS,
+  PATH_FIELDS) has a scheme byol_jax handles. Recipe and sweep files are read, nothing else
+  is read or written; which flags a command requires, the command checks.
+
+  Raises:
+    UsageError, ValueError, FileNotFoundError: what to change.
+  """
+  FLAGS.unparse_flags()  # Each parse starts from the defaults (it may run repeatedly).
   argv = [_underscored(a) for a in argv]
   help_for = _help_request(argv)
   if help_for is not None:
-    print(command_usage(help_for) if help_for else USAGE)
-    return
+    if help_for:
+      command_usage(help_for)  # Refuses an unknown command.
+    return CommandLine(help_for, [], help=True)
   sweep_overrides = []
   if "sweep" in argv[1:2]:
     # A sweep has no --config file of its own: its --config.key=value flags apply to every
     # run and go to the sweep, not to absl.
     sweep_overrides = [a for a in argv if a.startswith("--config.")]
     argv = [a for a in argv if not a.startswith("--config.")]
-  try:
-    positional = FLAGS(argv)
-  except flags.Error as e:
-    raise UsageError(str(e)) from None
-  except (AttributeError, KeyError) as e:  # ml_collections: a --config.key that does not exist.
-    raise UsageError(f"unknown config field {str(e).strip(chr(34) + chr(39))!r} in a --config.* override; the valid fields are "
-                     "those of the recipe (see byol_jax/config.py).") from None
-  except TypeError as e:  # ml_collections: a value of the wrong type for its field.
-    raise UsageError(f"bad --config.* value: {e}") from None
+  positional = _parse_flags(argv)
   if len(positional) < 2:
     raise UsageError("no command given; `byol-jax help` lists the commands.")
-  command = positional[1]
-  _check_urls()
-  if command == "sweep":
-    _sweep(positional[2:], sweep_overrides)
-    return
-  if command not in COMMANDS:
-    raise UsageError(f"unknown command {command!r}; valid: {sorted(COMMANDS) + ['sweep']}.")
-  COMMANDS[command](positional[2:])
+  command, args = positional[1], positional[2:]
+  if command not in COMMAND_FLAGS:
+    raise UsageError(f"unknown command {command!r}; valid: {sorted(COMMAND_FLAGS)}.")
+  _check_flags(command)
+  if command in SUBCOMMANDS:
+    what, valid = SUBCOMMANDS[command]
+    if not args:
+      raise UsageError(f"{command} needs a {what}; valid: {list(valid)}.")
+    if args[0] not in valid:
+      raise UsageError(f"unknown {what} {args[0]!r} for {command}; valid: {list(valid)}.")
+  config = None
+  if command == "sweep" and FLAGS.base:
+    config = sweep.apply_overrides(sweep.load_recipe(FLAGS.base),
+                                   sweep.parse_cli_overrides(sweep_overrides), "--config override")
+    if len(args) == 1:
+      sweep.expand(sweep.load_sweep(args[0]), config)  # Every run's config, validated.
+  elif FLAGS.config is not None:
+    config = _recipe()
+  _check_urls(config)
+  return CommandLine(command, args, config=config, overrides=tuple(sweep_overrides))
+
+
+def run(argv: list[str]) -> None:
+  """Parses `argv` (program name first) and runs the subcommand; raises on bad input."""
+  line = parse(argv)
+  if line.help:
+    print(command_usage(line.command) if line.command else USAGE)
+  elif line.command == "sweep":
+    _sweep(line.args, list(line.overrides))
+  else:
+    COMMANDS[line.command](line.args)
 
 
 class _DropDeprecationNotices(std_logging.Filter):

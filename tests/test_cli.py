@@ -147,5 +147,6 @@ def test_sweep_print_commands_takes_config_overrides_and_dashed_flag(tmp_path, c
            "--config.num_epochs=1"])
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 2 and not list(tmp_path.iterdir())  # Printed, ran nothing.
-  assert all("--config.num_epochs=1" in line and "byol-jax linear-eval" in line for line in lines)
-  assert "--config.model.use_predictor=false" in lines[1]
+  assert all("--config.num_epochs=1" in line and
+             "byol-jax sweep experiments/predictor.py --run=" in line for line in lines)
+  assert "--run=1" in lines[1]

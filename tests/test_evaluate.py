@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import tolerances
 from byol_jax import config as config_lib
 from byol_jax.evaluation import evaluate
 from byol_jax.model import networks
@@ -25,6 +26,14 @@ def brute_force_knn(bank, bank_labels, queries, k, temperature, num_classes):
   return scores
 
 
+def _score_bound(want, dim, temperature):
+  """Rounding bound of float32 kNN scores: the cosine of two normalised D-vectors (each
+  component (D/2 + 2) ulps, the dot D ulps: 2 D + 4 ulps of 1) enters exp(s / T), so each
+  vote's relative error is (2 D + 4) ulps / T; the float32 result, half an ulp more. (Valid
+  while the top-k is well separated from the next similarity, as here.)"""
+  return tolerances.ulps((2 * dim + 4) / temperature + 1, want)
+
+
 @pytest.fixture(scope="module")
 def random_problem():
   rng = np.random.default_rng(0)
@@ -39,8 +48,9 @@ def test_knn_scores_match_numpy_brute_force_in_any_chunking(random_problem, max_
   p = random_problem
   got = evaluate.knn_predict(p["bank"], p["bank_labels"], p["queries"], k=6, temperature=0.1,
                              num_classes=4, max_elements=max_elements)
-  want = brute_force_knn(p["bank"], p["bank_labels"], p["queries"], 6, 0.1, 4)
-  np.testing.assert_allclose(got, want, rtol=2e-5)
+  want = brute_force_knn(p["bank"].astype(np.float64), p["bank_labels"],
+                         p["queries"].astype(np.float64), 6, 0.1, 4)
+  tolerances.assert_close(got, want, _score_bound(want, 5, 0.1))
 
 
 def test_knn_chunks_respect_the_bound_and_cover_k():
@@ -57,14 +67,17 @@ def test_knn_hand_worked_votes_and_temperature():
   labels = np.array([0, 1, 1, 1])
   query = np.array([[2.0, 0.0]], np.float32)  # Scale must not matter (cosine).
   two = evaluate.knn_predict(bank, labels, query, k=2, temperature=0.5, num_classes=2)
-  np.testing.assert_allclose(two, [[math.exp(2.0), math.exp(1.2)]], rtol=1e-6)
+  want = np.array([[math.exp(2.0), math.exp(1.2)]])
+  tolerances.assert_close(two, want, _score_bound(want, 2, 0.5))
   # A high temperature flattens the weights: the two weaker class-1 votes then win.
   three = evaluate.knn_predict(bank, labels, query, k=3, temperature=10.0, num_classes=2)
-  np.testing.assert_allclose(three, [[math.exp(0.1), math.exp(0.06) + 1.0]], rtol=1e-6)
+  want = np.array([[math.exp(0.1), math.exp(0.06) + 1.0]])
+  tolerances.assert_close(three, want, _score_bound(want, 2, 10.0))
   assert np.argmax(two) == 0 and np.argmax(three) == 1
   # k larger than the bank uses the whole bank.
   all_k = evaluate.knn_predict(bank, labels, query, k=50, temperature=1.0, num_classes=2)
-  np.testing.assert_allclose(all_k, [[math.e, 1.0 + math.exp(-1.0) + math.exp(0.6)]], rtol=1e-6)
+  want = np.array([[math.e, 1.0 + math.exp(-1.0) + math.exp(0.6)]])
+  tolerances.assert_close(all_k, want, _score_bound(want, 2, 1.0))
 
 
 def test_knn_accuracy_top1_top5_against_brute_force(random_problem):
@@ -72,7 +85,8 @@ def test_knn_accuracy_top1_top5_against_brute_force(random_problem):
   got = evaluate.knn_accuracy(p["bank"], p["bank_labels"], p["queries"], p["query_labels"],
                               k=6, temperature=0.1, num_classes=4, max_elements=40)
   scores = brute_force_knn(p["bank"], p["bank_labels"], p["queries"], 6, 0.1, 4)
-  assert got["knn_top1"] == pytest.approx(np.mean(scores.argmax(1) == p["query_labels"]))
+  # The same count over 23 queries, as a float64 mean both: exact.
+  assert got["knn_top1"] == np.mean(scores.argmax(1) == p["query_labels"])
   assert got["knn_top5"] == 1.0  # Four classes: every label is within the top 5.
   # Queries equal to bank entries, k=1: each finds itself.
   itself = evaluate.knn_accuracy(p["bank"], p["bank_labels"], p["bank"], p["bank_labels"],
@@ -129,7 +143,13 @@ def test_extract_features_on_4_devices_equals_one_device_apply():
                          is_training=False)
   assert feats.shape == (10, networks.representation_dim(tiny_model()))
   np.testing.assert_array_equal(got_labels, labels)
-  chex.assert_trees_all_close(feats, np.asarray(want), rtol=1e-5, atol=1e-5)
+  # Against the same apply in float64: the 4-device features no less accurate than the
+  # 1-device ones (4 x their error, or 4 x 16 ulps of the features: sums of 9 x C taps).
+  with jax.enable_x64(True):
+    p64, s64, x64 = tolerances.float64((params, state, images.astype(np.float32) / 255))
+    ref, _ = jax.jit(lambda p, s, x: single.apply(p, s, None, x, is_training=False))(p64, s64, x64)
+    ref = tolerances.float64(ref)
+  tolerances.assert_no_less_accurate(feats, want, ref, factor=4, floor_ulps=16)
 
 
 def test_extract_features_refuses_an_empty_split():

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import fakes
+import tolerances
 from byol_jax import config as config_lib
 from byol_jax.evaluation import linear_eval
 from byol_jax.model import networks
@@ -53,11 +54,10 @@ def encoder(data_dir):
 
 
 def test_cosine_lr_hand_values():
-  assert float(linear_eval.cosine_lr(0, 100, 0.8)) == pytest.approx(0.8)
-  assert float(linear_eval.cosine_lr(50, 100, 0.8)) == pytest.approx(0.4)
-  assert float(linear_eval.cosine_lr(25, 100, 0.8)) == pytest.approx(0.4 * (1 + math.sqrt(0.5)))
-  assert float(linear_eval.cosine_lr(100, 100, 0.8)) == pytest.approx(0.0, abs=1e-7)
-  assert float(linear_eval.cosine_lr(150, 100, 0.8)) == pytest.approx(0.0, abs=1e-7)
+  # float32: the fraction and pi x it (~3 ulps into cos), cos, 1 + cos, x lr / 2.
+  got = [linear_eval.cosine_lr(step, 100, 0.8) for step in (0, 50, 25, 100, 150)]
+  want = [0.8, 0.4, 0.4 * (1 + math.sqrt(0.5)), 0.0, 0.0]
+  tolerances.assert_close(got, want, tolerances.ulps(8, 0.8))
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -86,8 +86,14 @@ def test_linear_update_equals_optax_sgd_nesterov_with_cosine_decay(weight_decay)
     return lin.params, ref_params
 
   got, ref_params = both(lin)
-  for key in ("w", "b"):
-    np.testing.assert_allclose(got[key], ref_params[key], rtol=1e-5, atol=1e-6)
+  # Against the optax chain in float64: no less accurate than its float32 run (4 x its error,
+  # or 4 x 16 ulps of the parameters: four steps of a few roundings each).
+  with jax.enable_x64(True):
+    _, want = both(linear_eval.LinearState(
+        lin.step, *(jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), t)
+                    for t in (lin.params, lin.opt_state))))
+    want = tolerances.float64(want)
+  tolerances.assert_no_less_accurate(got, ref_params, want, factor=4, floor_ulps=16)
 
 
 def separable_problem(rng, n, dim=8, classes=3):
@@ -112,17 +118,21 @@ def test_trainer_on_features_separates_a_linearly_separable_problem():
   assert linear_eval.accuracy(trained["params"], test_x, test_y)["top1"] == 1.0
   # An untrained (lr 0) classifier predicts class 0 for everything: chance, not 100%.
   untrained = linear_eval.train_on_features(train_x, train_y, c, lr=0.0, print_fn=lines.append)
-  assert linear_eval.accuracy(untrained["params"], test_x, test_y)["top1"] == pytest.approx(
-      np.mean(test_y == 0))
+  # Exact: the same count over the same number, in float64 both.
+  assert linear_eval.accuracy(untrained["params"], test_x, test_y)["top1"] == np.mean(test_y == 0)
 
 
 def test_standardizer_uses_training_statistics():
   x = np.array([[1.0, 10.0], [3.0, 10.0], [5.0, 10.0]], np.float32)
   f = linear_eval.standardizer(x)
-  np.testing.assert_allclose(f(x)[:, 0], (x[:, 0] - 3.0) / np.std(x[:, 0]), rtol=1e-6)
-  np.testing.assert_allclose(f(x)[:, 1], 0.0)  # Constant feature: std floored, no NaN.
-  np.testing.assert_allclose(f(np.array([[7.0, 12.0]]))[0], [4.0 / np.std(x[:, 0]), 2e6],
-                             rtol=1e-5)
+  std = np.std(x[:, 0].astype(np.float64))
+  # float32: the mean (9 / 3) and differences are exact; the std (mean of 3 squares, sqrt) is
+  # within 2 ulps, the quotient and the cast 1 ulp more: 3 ulps.
+  want = (x[:, 0] - 3.0) / std
+  tolerances.assert_close(f(x)[:, 0], want, tolerances.ulps(3, want))
+  np.testing.assert_array_equal(f(x)[:, 1], 0.0)  # Constant feature: std floored, no NaN; exact.
+  want = np.array([4.0 / std, 2.0 / 1e-6])  # The floor 1e-6 rounds to float32 (0.5 ulps).
+  tolerances.assert_close(f(np.array([[7.0, 12.0]]))[0], want, tolerances.ulps(3, want))
 
 
 def test_standardized_training_ignores_per_feature_scale_and_offset():
@@ -134,11 +144,23 @@ def test_standardized_training_ignores_per_feature_scale_and_offset():
   c.linear.update(dict(batch_size=64, num_epochs=3.0))
   scale = 10.0 ** rng.uniform(-2, 2, x.shape[1])
   offset = rng.uniform(-50, 50, x.shape[1])
-  runs = []
+  runs, zs = [], []
   for feats in (x, x * scale + offset):
-    z = linear_eval.standardizer(feats)(feats)
-    runs.append(linear_eval.train_on_features(z, y, c, lr=0.1, print_fn=lambda line: None))
-  np.testing.assert_allclose(runs[0]["params"]["w"], runs[1]["params"]["w"], atol=1e-4)
+    zs.append(linear_eval.standardizer(feats)(feats))
+    runs.append(linear_eval.train_on_features(zs[-1], y, c, lr=0.1, print_fn=lambda line: None))
+  # The two feature sets differ by rounding only: z0 is float32 arithmetic on x (the mean of
+  # N = 256 values: N ulps of max|x|; the difference; the std, N / 2 + 3 ulps relative; the
+  # quotient), |z0 - z| <= delta = (N + 4) ulps of max|x| / min std + max|z|, and z1 is
+  # float64 arithmetic rounded to float32. The weights may differ by 4 x what scaling run 0's
+  # features by 1 + delta does to them (the training's sensitivity to that rounding), or 4 x 16
+  # ulps of the weights (its own 12 steps' rounding).
+  delta = float(tolerances.ulps(len(x) + 4, np.abs(x).max() / x.std(axis=0).min() + np.abs(zs[0]).max()))
+  assert np.max(np.abs(zs[0] - zs[1])) <= delta
+  moved = linear_eval.train_on_features(zs[0] * np.float32(1 + delta), y, c, lr=0.1,
+                                        print_fn=lambda line: None)
+  w0, w1, w_moved = (np.asarray(r["params"]["w"], np.float64) for r in (*runs, moved))
+  limit = 4 * max(np.max(np.abs(w_moved - w0)), tolerances.ulps(16, np.max(np.abs(w0))))
+  assert np.max(np.abs(w1 - w0)) <= limit, (np.max(np.abs(w1 - w0)), limit)
 
 
 def test_accuracy_top1_top5_hand_worked():
@@ -173,7 +195,7 @@ def test_features_mode_end_to_end_writes_results(data_dir, encoder, tmp_path, st
   assert set(saved["val_top1"]) == {"0.4", "0.05"}
   best = max(saved["val_top1"], key=lambda lr: (saved["val_top1"][lr], lr == "0.4"))
   assert saved["learning_rate"] == float(best)
-  assert saved["effective_learning_rate"] == pytest.approx(float(best) * 16 / 256)
+  assert saved["effective_learning_rate"] == float(best) * 16 / 256  # x 2**-4: exact.
   assert (saved["mode"], saved["train_examples"], saved["eval_examples"]) == ("features", 64, 12)
   assert saved["steps"] == 2 * (64 // 16) and saved["epochs"] == 2.0
   assert 0.0 <= saved["top1"] <= saved["top5"] <= 1.0

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import fakes
+from byol_jax.data import pipelines
 from byol_jax.store import checkpoint
 from byol_jax.jobs import loop
 from byol_jax.store import run_config
@@ -117,7 +118,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(data_dir, tm
   assert codes == [0, 0], "\n".join((o or "")[-3000:] for o in outputs)
   assert "pretrain done at step 3" in outputs[0]
   c = smoke_config(data_dir, num_steps=steps, **{"dataset.deterministic": True})
-  monkeypatch.setattr(loop.data, "pretrain_dataset", _merged_slices(loop.data.pretrain_dataset))
+  monkeypatch.setattr(pipelines, "pretrain_dataset", _merged_slices(pipelines.pretrain_dataset))
   loop.pretrain(c, str(tmp_path / "1x4"), print_fn=lambda line: None)
   # The 2-process checkpoint restores here, on 1 process x 4 devices.
   step_a, multi = restore_final(tmp_path / "2x2", c)

@@ -116,7 +116,7 @@ def test_target_is_the_ema_of_the_updated_online_params():
   bound = jax.tree_util.tree_map(
       lambda t, o: tolerances.ulps(2, np.abs(tau * np.asarray(t)) + np.abs((1 - tau) * np.asarray(o))),
       old.target_params, new.online_params)
-  jax.tree_util.tree_map(tolerances.assert_close, new.target_params, expected, bound)
+  tolerances.assert_trees_close(new.target_params, expected, bound)
   # The online params did move, so the EMA is not trivially the old target.
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), old.online_params, new.online_params)
   assert max(jax.tree_util.tree_leaves(moved)) > 0

@@ -55,6 +55,16 @@ def assert_close(actual, expected, bound, err_msg=""):
         f"{e[i] if e.ndim else e}, error {err[i]:.3g} > bound {bound[i]:.3g}")
 
 
+def assert_trees_close(actual, expected, bound):
+  """`assert_close` leaf by leaf; `bound` is a tree like `expected`, or a function of the
+  expected leaf that gives its bound."""
+  if callable(bound):
+    bound = jax.tree_util.tree_map(bound, expected)
+  jax.tree_util.tree_map_with_path(
+      lambda path, a, e, b: assert_close(a, e, b, jax.tree_util.keystr(path)),
+      actual, expected, bound)
+
+
 def float64(tree):
   """The tree on the host with floating leaves in float64 (integer and bool leaves as they are)."""
   def cast(x):

@@ -7,8 +7,14 @@ then the run's own overrides (the run wins). Every run is built and validated be
 first one starts, so a misspelt field fails at once, naming it.
 
 Run `name` lives in WORKDIR/name/: pretraining there (rerunning resumes it), linear
-evaluation in WORKDIR/name/linear, and `sweep_run.json` once both are done (a finished run
-is skipped on rerun). WORKDIR gets results.csv, results.md and results.png.
+evaluation in WORKDIR/name/linear, `sweep_pretrained.json` once pretraining is done (a
+rerun goes straight to the linear evaluation) and `sweep_run.json` once both are done (a
+finished run is skipped on rerun). WORKDIR gets results.csv, results.md and results.png.
+
+On a cluster each run is a job of its own: `--run=I` runs run I alone (the same directory,
+the same resumption, no table: concurrent runs would race on it), `--print-commands` prints
+those commands, and `--collect` tabulates whatever runs have finished, from their
+directories, running nothing.
 """
 import ast
 import csv
@@ -24,12 +30,14 @@ import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 from matplotlib.figure import Figure
+import jax
 import ml_collections
 
 from byol_jax import config as config_lib
 from byol_jax.evaluation import linear_eval
 from byol_jax.jobs import loop
 from byol_jax.store import files
+from byol_jax.store import run_config
 
 PrintFn = Callable[[str], None]
 PretrainFn = Callable[..., dict]  # (config, workdir, print_fn) -> result dict.
@@ -37,6 +45,9 @@ PretrainFn = Callable[..., dict]  # (config, workdir, print_fn) -> result dict.
 EvalFn = Callable[..., dict]
 
 DONE_FILE = "sweep_run.json"
+PRETRAINED_FILE = "sweep_pretrained.json"
+# Fields resolve_dataset fills in from the data where the recipe leaves them 0.
+_RESOLVED_FIELDS = ("dataset.num_train_examples", "dataset.num_classes")
 METRICS_FILE = "metrics.jsonl"
 # Metrics of metrics.jsonl whose last value goes in the table (key -> column).
 FINAL_METRICS = {"loss": "loss", "collapse_std": "collapse_std", "probe_top1": "probe_top1",
@@ -182,20 +193,24 @@ def _cli_value(value: Any) -> str:
   return str(value)
 
 
-def run_commands(runs: Sequence[Run], base_spec: str, base_overrides: Mapping[str, str],
-                 workdir: str) -> list[str]:
-  """One shell line per run: pretrain, then linear evaluation, for a cluster launcher."""
-  lines = []
-  for run in runs:
-    run_dir = files.join(workdir, run.name)
-    flags = [f"--config={base_spec}"]
-    flags += [f"--config.{k}={v}" for k, v in base_overrides.items()]
-    flags += [f"--config.{k}={_cli_value(v)}" for k, v in run.overrides.items()]
-    pretrain = ["byol-jax", "pretrain", *flags, f"--workdir={run_dir}"]
-    linear = ["byol-jax", "linear-eval", *flags, f"--pretrained={run_dir}",
-              f"--workdir={files.join(run_dir, 'linear')}"]
-    lines.append(f"{shlex.join(pretrain)} && {shlex.join(linear)}")
-  return lines
+def run_commands(runs: Sequence[Run], sweep_path: str, base_spec: str,
+                 base_overrides: Sequence[str], workdir: str,
+                 launch_flags: Sequence[str] = ()) -> list[str]:
+  """One shell line per run, line I running run I: `byol-jax sweep SWEEP --run=I ...`.
+
+  The sweep's own command rather than `pretrain && linear-eval`: one command per job, which
+  resumes pretraining, skips an evaluation already done and marks the run finished for
+  `--collect`; a preempted pretraining stops it instead of evaluating a partial encoder.
+
+  Args:
+    runs: the expanded sweep (only its length is used; the sweep file names the runs).
+    sweep_path, base_spec, workdir: as given to the sweep.
+    base_overrides: the command line's '--config.key=value' strings, as given.
+    launch_flags: further flags for every line (the multi-host ones), as given.
+  """
+  return [shlex.join(["byol-jax", "sweep", sweep_path, f"--run={index}", f"--base={base_spec}",
+                      f"--workdir={workdir}", *base_overrides, *launch_flags])
+          for index in range(len(runs))]
 
 
 def read_metrics(run_dir: str) -> dict[int, dict]:
@@ -229,10 +244,25 @@ def _default_linear_eval(c, pretrained, workdir, print_fn):
   return linear_eval.run(c, pretrained=pretrained, workdir=workdir, print_fn=print_fn)
 
 
+def _is_writer() -> bool:
+  """Whether this process writes the sweep's files: process 0 of a multi-host job (asked
+  only when jax.distributed is initialised, so a single process never starts a backend)."""
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def _linear_row(run_dir: str, linear: Mapping[str, Any]) -> dict:
+  """A finished run's table row from its metrics.jsonl and its linear evaluation's result."""
+  return dict(final_metrics(read_metrics(run_dir)), status="done", linear_top1=linear["top1"],
+              linear_top5=linear["top5"],
+              # linear_eval.run names the chosen base lr 'learning_rate'.
+              linear_lr=linear.get("lr", linear.get("learning_rate")))
+
+
 def _run_one(run: Run, run_dir: str, pretrain_fn: PretrainFn, eval_fn: EvalFn,
              print_fn: PrintFn) -> dict:
   """Pretrains (or resumes) and evaluates one run; returns its table row."""
   done_path = files.join(run_dir, DONE_FILE)
+  pretrained_path = files.join(run_dir, PRETRAINED_FILE)
   digest = config_lib.config_hash(run.config)
   if files.exists(done_path):
     done = files.read_json(done_path)
@@ -241,19 +271,38 @@ def _run_one(run: Run, run_dir: str, pretrain_fn: PretrainFn, eval_fn: EvalFn,
                        "--workdir or delete that run directory.")
     print_fn(f"[sweep] {run.name}: finished earlier, skipped.")
     return dict(done["row"], status="done")
-  print_fn(f"[sweep] {run.name}: pretraining in {run_dir}")
-  result = pretrain_fn(run.config, run_dir, print_fn)
-  if result.get("preempted"):
-    return dict(status="preempted")
+  if (files.exists(pretrained_path)
+      and files.read_json(pretrained_path)["config_hash"] == digest):
+    print_fn(f"[sweep] {run.name}: pretrained earlier, not evaluated yet.")
+  else:
+    print_fn(f"[sweep] {run.name}: pretraining in {run_dir}")
+    result = pretrain_fn(run.config, run_dir, print_fn)
+    if result.get("preempted"):
+      return dict(status="preempted")
+    if _is_writer():
+      files.write_json_atomic(pretrained_path, dict(config_hash=digest))
   print_fn(f"[sweep] {run.name}: linear evaluation in {run_dir}/linear")
   linear = eval_fn(run.config, pretrained=run_dir, workdir=files.join(run_dir, "linear"),
                    print_fn=print_fn)
-  row = dict(final_metrics(read_metrics(run_dir)), status="done",
-             linear_top1=linear["top1"], linear_top5=linear["top5"],
-             # linear_eval.run names the chosen base lr 'learning_rate'.
-             linear_lr=linear.get("lr", linear.get("learning_rate")))
-  files.write_json_atomic(done_path, dict(config_hash=digest, row=row))
+  row = _linear_row(run_dir, linear)
+  if _is_writer():
+    files.write_json_atomic(done_path, dict(config_hash=digest, row=row))
   return row
+
+
+def _attempt(run: Run, workdir: str, pretrain_fn: PretrainFn, eval_fn: EvalFn,
+             print_fn: PrintFn) -> dict:
+  """`_run_one` in workdir/run.name, a raise recorded as status 'failed' with its error."""
+  try:
+    return _run_one(run, files.join(workdir, run.name), pretrain_fn, eval_fn, print_fn)
+  except Exception as e:  # noqa: BLE001  One bad run must not stop the sweep.
+    message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    print_fn(f"[sweep] {run.name}: FAILED: {message}\n{traceback.format_exc()}")
+    return dict(status="failed", error=message)
+
+
+def _blank_rows(runs: Sequence[Run], status: str) -> list[dict]:
+  return [dict(name=r.name, status=status, overrides=_overrides_text(r.overrides)) for r in runs]
 
 
 def run_sweep(runs: Sequence[Run], workdir: str, pretrain_fn: PretrainFn, eval_fn: EvalFn,
@@ -266,20 +315,90 @@ def run_sweep(runs: Sequence[Run], workdir: str, pretrain_fn: PretrainFn, eval_f
   Returns:
     One row per run (COLUMNS), in the sweep's order; runs not reached have status 'pending'.
   """
-  rows = [dict(name=r.name, status="pending", overrides=_overrides_text(r.overrides))
-          for r in runs]
+  rows = _blank_rows(runs, "pending")
   for run, row in zip(runs, rows):
-    run_dir = files.join(workdir, run.name)
-    try:
-      row.update(_run_one(run, run_dir, pretrain_fn, eval_fn, print_fn))
-    except Exception as e:  # noqa: BLE001  One bad run must not stop the sweep.
-      message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-      row.update(status="failed", error=message)
-      print_fn(f"[sweep] {run.name}: FAILED: {message}\n{traceback.format_exc()}")
+    row.update(_attempt(run, workdir, pretrain_fn, eval_fn, print_fn))
     write_results(rows, runs, workdir)
     if row["status"] == "preempted":
       print_fn("[sweep] stopped (preempted); rerun the same command to resume.")
       break
+  return rows
+
+
+def _linear_result_row(run: Run, run_dir: str) -> tuple[dict | None, str]:
+  """A run finished by `pretrain` and `linear-eval` commands (no DONE_FILE): its row from
+  linear/results.json when that evaluated this run's config after its last step, else
+  (None, why not)."""
+  path = files.join(run_dir, "linear", linear_eval.RESULTS_FILE)
+  if not files.exists(path):
+    return None, ""
+  result = files.read_json(path)
+  mine = run_config.flatten(run_config.config_to_dict(run.config))
+  theirs = run_config.flatten(result.get("config", {}))
+  differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
+                  and not (k in _RESOLVED_FIELDS and mine.get(k) == 0))
+  if differ:
+    return None, (f"{path} evaluated another config (fields {', '.join(differ[:5])}); "
+                  "delete it or use another --workdir.")
+  total = config_lib.total_steps(run_config.config_from_json(result["config"]))
+  if result.get("pretrained_step") != total:
+    return None, (f"{path} evaluated step {result.get('pretrained_step')} of {total}: "
+                  "pretraining had not finished.")
+  return _linear_row(run_dir, result), ""
+
+
+def collect_row(run: Run, workdir: str) -> dict:
+  """Run `run`'s row from its directory, running nothing.
+
+  'done' (from sweep_run.json, or from linear/results.json for a run finished by the
+  pretrain and linear-eval commands), 'missing' (no run directory) or 'unfinished' (its
+  last step and metrics so far; the error column says why when a finished run there is
+  of another config).
+  """
+  run_dir = files.join(workdir, run.name)
+  if not files.exists(run_dir):
+    return dict(status="missing")
+  done_path = files.join(run_dir, DONE_FILE)
+  why = ""
+  if files.exists(done_path):
+    done = files.read_json(done_path)
+    if done["config_hash"] == config_lib.config_hash(run.config):
+      return dict(done["row"], status="done")
+    why = f"{done_path} is a finished run of a different config; use another --workdir."
+  else:
+    row, why = _linear_result_row(run, run_dir)
+    if row is not None:
+      return row
+  return dict(final_metrics(read_metrics(run_dir)), status="unfinished", error=why or None)
+
+
+def _not_finished(rows: Sequence[dict]) -> list[str]:
+  """'NAME: missing (no run directory)' / 'NAME: unfinished (last step S)' per open run."""
+  lines = []
+  for row in rows:
+    if row["status"] == "missing":
+      lines.append(f"{row['name']}: missing (no run directory)")
+    elif row["status"] != "done":
+      step = "no step logged" if row.get("step") is None else f"last step {row['step']}"
+      error = f"; {row['error']}" if row.get("error") else ""
+      lines.append(f"{row['name']}: {row['status']} ({step}{error})")
+  return lines
+
+
+def collect(runs: Sequence[Run], workdir: str, print_fn: PrintFn = print) -> list[dict]:
+  """Tabulates (results.csv, .md, .png) the runs finished in workdir, running nothing.
+
+  Returns:
+    One row per run (COLUMNS), in the sweep's order (see `collect_row`).
+  """
+  rows = _blank_rows(runs, "missing")
+  for run, row in zip(runs, rows):
+    row.update(collect_row(run, workdir))
+  lines = _not_finished(rows)
+  write_results(rows, runs, workdir, not_finished=lines)
+  print_fn(f"[sweep] collected {len(rows) - len(lines)} of {len(rows)} runs.")
+  if lines:
+    print_fn(f"[sweep] not finished ({len(lines)}):\n  " + "\n  ".join(lines))
   return rows
 
 
@@ -295,8 +414,12 @@ def _cell(value: Any) -> str:
   return str(value)
 
 
-def write_results(rows: Sequence[dict], runs: Sequence[Run], workdir: str) -> None:
-  """results.csv (every column), results.md (a table) and results.png in `workdir`."""
+def write_results(rows: Sequence[dict], runs: Sequence[Run], workdir: str,
+                  not_finished: Sequence[str] = ()) -> None:
+  """results.csv (every column), results.md (a table; then the `not_finished` lines as a
+  list) and results.png in `workdir` (process 0 of a multi-host job only)."""
+  if not _is_writer():
+    return
   table = io.StringIO(newline="")
   writer = csv.DictWriter(table, fieldnames=COLUMNS)
   writer.writeheader()
@@ -306,6 +429,9 @@ def write_results(rows: Sequence[dict], runs: Sequence[Run], workdir: str) -> No
   md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   md += ["| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in COLUMNS) + " |"
          for row in rows]
+  if not_finished:
+    md += ["", f"Not finished ({len(not_finished)} of {len(rows)} runs):", "",
+           *(f"- {line}" for line in not_finished)]
   files.write_text_atomic(files.join(workdir, "results.md"), "\n".join(md) + "\n")
   curves = {run.name: read_metrics(files.join(workdir, run.name)) for run in runs}
   plot_results(rows, curves, files.join(workdir, "results.png"))
@@ -342,34 +468,72 @@ def plot_results(rows: Sequence[dict], curves: Mapping[str, Mapping[int, dict]],
   files.write_bytes_atomic(path, png.getvalue())
 
 
+def select_run(runs: Sequence[Run], index: int, sweep_path: str) -> Run:
+  """runs[index] for `--run=index` (0-based, no negative indices).
+
+  Raises:
+    ValueError: index out of range, naming the valid range and the runs.
+  """
+  if not 0 <= index < len(runs):
+    names = ", ".join(f"{i}={r.name}" for i, r in enumerate(runs))
+    raise ValueError(f"--run={index} is out of range: {sweep_path} has {len(runs)} runs, so "
+                     f"--run takes 0 to {len(runs) - 1} ({names}).")
+  return runs[index]
+
+
 def main_like(sweep_path: str, base: str, workdir: str, overrides: Sequence[str] = (),
-              print_commands: bool = False, pretrain_fn: PretrainFn | None = None,
+              print_commands: bool = False, run: int | None = None, collect_only: bool = False,
+              launch_flags: Sequence[str] = (), pretrain_fn: PretrainFn | None = None,
               eval_fn: EvalFn | None = None, print_fn: PrintFn = print) -> int:
-  """`byol-jax sweep SWEEP --base=RECIPE[:arg] --workdir=DIR [--print-commands] [--config.k=v]`.
+  """`byol-jax sweep SWEEP --base=RECIPE[:arg] --workdir=DIR [--run=I | --collect |
+  --print-commands] [--config.k=v]`.
 
   Args:
     sweep_path: experiments/<sweep>.py.
     base: the recipe, 'configs/<recipe>.py[:arg]'.
     workdir: the sweep's directory; run NAME goes to workdir/NAME.
     overrides: command-line '--config.key=value' strings, applied to every run.
-    print_commands: print one shell command per run and run nothing.
+    print_commands: print one shell command per run (`--run=I`) and run nothing.
+    run: run only run `run` (0-based, the sweep file's order) and write no table; its
+      errors propagate.
+    collect_only: tabulate the runs finished in workdir and run nothing.
+    launch_flags: flags that `print_commands` adds to every line (the multi-host ones).
     pretrain_fn, eval_fn: injectable for tests (default: loop.pretrain, linear_eval.run).
     print_fn: console output.
 
   Returns:
-    The exit status: 0 when every run finished, 1 when one failed or was preempted.
+    The exit status: 0 when every run (with `run`: that run) finished, 1 when one failed
+    or was preempted, or (with `collect_only`) is missing or unfinished.
 
   Raises:
-    ValueError, FileNotFoundError: bad sweep, recipe or override, before any run starts.
+    ValueError, FileNotFoundError: bad sweep, recipe, override or `run` index, or more than
+      one of print_commands, run and collect_only, before any run starts.
   """
+  modes = [name for name, on in (("--print-commands", print_commands),
+                                 ("--run", run is not None), ("--collect", collect_only)) if on]
+  if len(modes) > 1:
+    raise ValueError(f"{' and '.join(modes)} exclude each other: give one of them.")
   cli_overrides = parse_cli_overrides(overrides)
   base_config = apply_overrides(load_recipe(base), cli_overrides, "--config override")
   runs = expand(load_sweep(sweep_path), base_config)
   if print_commands:
-    for line in run_commands(runs, base, cli_overrides, workdir):
+    for line in run_commands(runs, sweep_path, base, overrides, workdir, launch_flags):
       print_fn(line)
     return 0
-  rows = run_sweep(runs, workdir, pretrain_fn or _default_pretrain,
-                   eval_fn or _default_linear_eval, print_fn)
+  pretrain_fn, eval_fn = pretrain_fn or _default_pretrain, eval_fn or _default_linear_eval
+  if run is not None:
+    # One run is one job: its errors propagate as `byol-jax pretrain`'s do (bad input exits
+    # 2 with its message, any other error 1 with its traceback).
+    chosen = select_run(runs, run, sweep_path)
+    status = _run_one(chosen, files.join(workdir, chosen.name), pretrain_fn, eval_fn,
+                      print_fn)["status"]
+    print_fn(f"[sweep] run {run} ({chosen.name}): " + (
+        "done; `--collect` tabulates the finished runs." if status == "done" else
+        "stopped (preempted); rerun the same command to resume."))
+    return 0 if status == "done" else 1
+  if collect_only:
+    rows = collect(runs, workdir, print_fn)
+  else:
+    rows = run_sweep(runs, workdir, pretrain_fn, eval_fn, print_fn)
   print_fn(f"[sweep] results: {workdir}/results.md, results.csv, results.png")
   return 0 if all(row["status"] == "done" for row in rows) else 1

@@ -180,7 +180,7 @@ def update(state: TrainState, batch: dict, rng: jax.Array, *, deps: Deps
   grads, (online_state, target_state, aux) = grad_fn(
       state.online_params, state.target_params, state.online_state, state.target_state,
       view1, view2, batch["label"], forward=deps.forward)
-  grads = grads  # MUTATION jax.lax.pmean(grads, parallel.DEVICE_AXIS)
+  grads = jax.lax.pmean(grads, parallel.DEVICE_AXIS)
 
   # Every step: what the guards need (the losses and gradient norm decide `finite`).
   metrics = jax.lax.pmean(dict(loss=aux["byol_loss"], probe_loss=aux["probe_loss"]),
