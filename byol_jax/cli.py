@@ -29,6 +29,7 @@ from byol_jax.evaluation import linear_eval
 from byol_jax.jobs import loop
 from byol_jax.jobs import sweep
 from byol_jax.store import files
+from byol_jax.store import writers
 from byol_jax.tools import bench
 from byol_jax.tools import bench_input
 from byol_jax.tools import preview
@@ -211,7 +212,7 @@ def _pretrain(args: list[str]) -> None:
     for key in ("eval_top1", "eval_top5"):
       if key in result:
         print(f"  online probe {key[5:]} on {c.dataset.eval_split}: {result[key]:.2%}")
-    print(f"  checkpoints: {FLAGS.workdir}/checkpoints\n  metrics:     {FLAGS.workdir}/metrics.jsonl\n"
+    print(f"  checkpoints: {FLAGS.workdir}/checkpoints\n  metrics:     {writers.metrics_url(FLAGS.workdir)}\n"
           f"  TensorBoard: tensorboard --logdir={FLAGS.workdir}")
 
 

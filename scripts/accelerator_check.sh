@@ -14,11 +14,14 @@
 #   PER_DEVICE_BATCH  64; BATCH (global) defaults to PER_DEVICE_BATCH x local devices
 #   BENCH_STEPS       5 timed steps per round; BENCH_ROUNDS 3 rounds (medians reported)
 #   MEMORY_PRECISION  bfloat16, the precision of the memory benchmark
-#   MEMORY_BUDGET_GB  per-device budget of the memory search; default the device's memory
-#                     as jax reports it, else (a CPU) available host memory / local devices
-# A shrunken run that exercises the script on a CPU in a few minutes:
+#   MEMORY_BUDGET_GB  per-device budget of the memory search; default what jax's allocator
+#                     may use on the device (memory_stats' bytes_limit: on GPUs a fraction of
+#                     the memory, XLA_PYTHON_CLIENT_MEM_FRACTION), else (a CPU) available
+#                     host memory / local devices
+# A shrunken run that exercises every step on a CPU (a tiny ResNet-18; the memory search's
+# compiles take most of the time, fewer with a smaller budget):
 #   RECIPE=configs/byol_imagenet.py:smoke IMAGE_SIZE=32 BATCH=4 BENCH_STEPS=1 BENCH_ROUNDS=1 \
-#     MEMORY_BUDGET_GB=0.05 bash scripts/accelerator_check.sh
+#     MEMORY_BUDGET_GB=0.01 bash scripts/accelerator_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/byol-jax ]; then
@@ -40,7 +43,7 @@ from byol_jax.tools import bench
 devices = jax.local_devices()
 limit = (devices[0].memory_stats() or {}).get("bytes_limit")
 print(json.dumps(dict(device=devices[0].device_kind, platform=devices[0].platform,
-                      local_devices=len(devices), device_memory_bytes=limit)))
+                      local_devices=len(devices), memory_limit_bytes=limit)))
 print(len(devices), round((limit or bench.available_host_memory_bytes() // len(devices)) / 2**30, 2))')
 DEVICE=$(head -n 1 <<< "$PROBE")
 read -r DEVICES DEVICE_GB <<< "$(tail -n 1 <<< "$PROBE")"

@@ -1,6 +1,6 @@
 """Learning curve of a pretraining run: kNN top-1 against images seen, with baselines.
 
-Reads the run's `metrics.jsonl` (the kNN monitor's `knn_top1`, logged every
+Reads the run's metrics (the kNN monitor's `knn_top1`, logged every
 `knn.every_steps` and at the end) and `config.json` (batch size), and draws one line of
 kNN top-1 against pretraining images seen. Baselines measured with the same protocol
 (`byol-jax knn --pretrained=pixels|random`, each writing knn.json) are drawn as horizontal
@@ -15,14 +15,14 @@ Every path may be local or gs:// (byol_jax.store.files). Prints the curve's poin
 """
 import argparse
 import io
-import json
 
 from byol_jax.store import files
 from byol_jax.store import run_config
+from byol_jax.store import writers
 
 
 def knn_curve(workdir: str) -> list[tuple[int, float]]:
-  """[(images seen, knn_top1)] from workdir's metrics.jsonl, in step order.
+  """[(images seen, knn_top1)] from workdir's metrics (writers.read_metrics), in step order.
 
   Raises:
     ValueError: the run logged no kNN figure (knn.every_steps was 0).
@@ -30,13 +30,11 @@ def knn_curve(workdir: str) -> list[tuple[int, float]]:
   config = files.read_json(files.join(workdir, run_config.CONFIG_FILE))
   batch = int(config["batch_size"])
   points = {}
-  for line in files.read_text(files.join(workdir, "metrics.jsonl")).splitlines():
-    if line.strip():
-      record = json.loads(line)
-      if "knn_top1" in record:
-        points[int(record["step"])] = float(record["knn_top1"])  # A resumed run's rerun wins.
+  for record in writers.read_metrics(workdir):
+    if "knn_top1" in record:
+      points[int(record["step"])] = float(record["knn_top1"])  # A resumed run's rerun wins.
   if not points:
-    raise ValueError(f"{workdir}/metrics.jsonl has no knn_top1: pretrain with "
+    raise ValueError(f"the metrics of {workdir} have no knn_top1: pretrain with "
                      "--config.knn.every_steps=N to record the curve.")
   return [(step * batch, points[step]) for step in sorted(points)]
 

@@ -18,10 +18,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=0"
                            " --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# gs:// in tests is a fake GCS server (tests/fake_gcs.py), reached through epath's fsspec
-# backend. etils picks the backend once per process, at its first path of any kind, so this
-# is set before anything can touch a path.
-os.environ["EPATH_USE_TF"] = "false"
+# gs:// in tests is a fake GCS server (tests/fake_gcs.py), reached through the client that
+# byol_jax/store/files.py picks for every user; nothing here steers that choice.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(_ROOT))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tolerances
 from byol_jax.training import augment
 from byol_jax import config as config_lib
 
@@ -64,29 +65,72 @@ def _tf_jitter_op(image, op, params):
   return tf.image.adjust_hue(image, float(params.hue_delta))
 
 
-def _reference_jitter(image, params, ops=augment.JITTER_OPS):
-  x = tf.constant(image)
+def _np_hsv_op(image, fn):
+  """fn(h, s, v) -> (h, s, v) applied per pixel through colorsys, in float64."""
+  flat = np.asarray(image, np.float64).reshape(-1, 3)
+  return np.array([colorsys.hsv_to_rgb(*fn(*colorsys.rgb_to_hsv(*p))) for p in flat]).reshape(
+      np.shape(image))
+
+
+def _np_jitter_op(image, op, params):
+  """_tf_jitter_op's maths in NumPy float64 (HSV through colorsys): the float64 reference."""
+  x = np.asarray(image, np.float64)
+  if op == augment.BRIGHTNESS:
+    return x + float(params.brightness_delta)
+  if op == augment.CONTRAST:
+    mean = x.mean(axis=(0, 1), keepdims=True)
+    return (x - mean) * float(params.contrast_factor) + mean
+  if x.shape[-1] == 1:
+    return x
+  if op == augment.SATURATION:
+    f = float(params.saturation_factor)
+    return _np_hsv_op(x, lambda h, s, v: (h, min(max(s * f, 0.0), 1.0), v))
+  d = float(params.hue_delta)
+  return _np_hsv_op(x, lambda h, s, v: ((h + d) % 1.0, s, v))
+
+
+def _reference_jitter(image, params, ops=augment.JITTER_OPS, float64=False):
+  """tf.image's float32 ops in the drawn order, or with float64 their NumPy float64 maths."""
+  x = np.asarray(image, np.float64) if float64 else tf.constant(image)
   for op in np.argsort(np.asarray(params.position)):
     if augment.JITTER_OPS[op] in ops:
-      x = tf.clip_by_value(_tf_jitter_op(x, op, params), 0.0, 1.0)
-  return x.numpy()
+      x = (np.clip(_np_jitter_op(x, op, params), 0.0, 1.0) if float64 else
+           tf.clip_by_value(_tf_jitter_op(x, op, params), 0.0, 1.0))
+  return x if float64 else x.numpy()
 
 
-def _reference_view(image, draws, view):
-  """The pipeline, one image, from tf.image and NumPy ops, following `draws`."""
-  x = image
+def _reference_view(image, draws, view, float64=False):
+  """The pipeline, one image, from tf.image and NumPy ops, following `draws` (with float64:
+  NumPy float64 maths throughout, the float64 reference)."""
+  x = np.asarray(image, np.float64) if float64 else image
   if draws.flip:
-    x = tf.image.flip_left_right(x).numpy()
+    x = x[:, ::-1] if float64 else tf.image.flip_left_right(x).numpy()
   if draws.color_jitter:
-    x = _reference_jitter(x, draws.jitter)
+    x = _reference_jitter(x, draws.jitter, float64=float64)
   if draws.grayscale and x.shape[-1] == 3:
-    x = np.repeat(tf.image.rgb_to_grayscale(x).numpy(), 3, axis=-1)
+    gray = x @ np.array([0.2989, 0.587, 0.114]) if float64 else tf.image.rgb_to_grayscale(x).numpy()[..., 0]
+    x = np.repeat(gray[..., None], 3, axis=-1)
   if draws.blur:
     x = _np_blur(x, float(draws.blur_sigma),
                  augment.blur_kernel_size(x.shape[0], view.blur_kernel_fraction))
   if draws.solarize:
     x = np.where(x < view.solarize_threshold, x, 1.0 - x)
   return np.clip(x, 0.0, 1.0)
+
+
+def _op_params(**values):
+  """JitterParams holding float32 values for single-op references (the ops' own rounding)."""
+  return augment.JitterParams(None, *(np.float32(values.get(f, 0.0)) for f in augment.JitterParams._fields[1:]))
+
+
+def _blur_bound(ref, sigma, kernel_size):
+  """Float32 rounding of the separable blur of a non-negative image, against float64.
+
+  Each tap weight exp(-t^2 / 2 sigma^2) is off by (3 |a| + 1) ulps (its argument a, rounded,
+  passes through exp), the normalisation by their sum of k taps by k + 1 more; two passes
+  apply the weights (twice that) and sum k terms each (2 k ulps), all of one sign."""
+  a = (kernel_size // 2)**2 / (2 * sigma**2)
+  return tolerances.ulps(2 * (3 * a + kernel_size + 2) + 2 * kernel_size, ref)
 
 
 def _index(tree, i):
@@ -105,38 +149,45 @@ def test_flip_matches_tf():
 
 @pytest.mark.parametrize("delta", [-0.3, 0.25])
 def test_brightness_matches_tf(delta):
-  np.testing.assert_allclose(augment.adjust_brightness(IMAGE, delta),
-                             tf.image.adjust_brightness(IMAGE, delta).numpy(), atol=1e-7)
+  # One float32 addition of the same float32 delta on both sides: bitwise equal.
+  np.testing.assert_array_equal(augment.adjust_brightness(IMAGE, delta),
+                                tf.image.adjust_brightness(IMAGE, delta).numpy())
 
 
 @pytest.mark.parametrize("factor", [0.6, 1.4])
 def test_contrast_matches_tf_per_channel_mean(factor):
-  np.testing.assert_allclose(augment.adjust_contrast(IMAGE, factor),
-                             tf.image.adjust_contrast(IMAGE, factor).numpy(), atol=1e-6)
+  # float32 both: against the float64 maths, no less accurate than tf.image (this and below).
+  tolerances.assert_no_less_accurate(
+      augment.adjust_contrast(IMAGE, factor), tf.image.adjust_contrast(IMAGE, factor).numpy(),
+      _np_jitter_op(IMAGE, augment.CONTRAST, _op_params(contrast_factor=factor)))
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.8, 1.2, 3.0])
 def test_saturation_matches_tf(factor):
-  np.testing.assert_allclose(augment.adjust_saturation(IMAGE, factor),
-                             tf.image.adjust_saturation(IMAGE, factor).numpy(), atol=1e-5)
+  tolerances.assert_no_less_accurate(
+      augment.adjust_saturation(IMAGE, factor), tf.image.adjust_saturation(IMAGE, factor).numpy(),
+      _np_jitter_op(IMAGE, augment.SATURATION, _op_params(saturation_factor=factor)))
 
 
 @pytest.mark.parametrize("delta", [-0.1, 0.07, 0.5])
 def test_hue_matches_tf(delta):
-  np.testing.assert_allclose(augment.adjust_hue(IMAGE, delta),
-                             tf.image.adjust_hue(IMAGE, delta).numpy(), atol=1e-5)
+  tolerances.assert_no_less_accurate(
+      augment.adjust_hue(IMAGE, delta), tf.image.adjust_hue(IMAGE, delta).numpy(),
+      _np_jitter_op(IMAGE, augment.HUE, _op_params(hue_delta=delta)))
 
 
 def test_grayscale_matches_tf_repeated_to_three_channels():
   want = np.repeat(tf.image.rgb_to_grayscale(IMAGE).numpy(), 3, axis=-1)
-  np.testing.assert_allclose(augment.to_grayscale(IMAGE), want, atol=1e-6)
+  tolerances.assert_no_less_accurate(augment.to_grayscale(IMAGE), want, np.repeat(
+      (IMAGE.astype(np.float64) @ np.array([0.2989, 0.587, 0.114]))[..., None], 3, axis=-1))
 
 
 @pytest.mark.parametrize("sigma,kernel_size", [(0.7, 3), (1.5, 5), (2.0, 7)])
 def test_blur_matches_numpy_2d_convolution_with_zero_padding(sigma, kernel_size):
   image = _images((9, 11, 3), seed=2)
-  np.testing.assert_allclose(augment.gaussian_blur(image, sigma, kernel_size),
-                             _np_blur(image, sigma, kernel_size), atol=1e-6)
+  want = _np_blur(image, sigma, kernel_size)
+  tolerances.assert_close(augment.gaussian_blur(image, sigma, kernel_size), want,
+                          _blur_bound(want, sigma, kernel_size))
 
 
 @pytest.mark.parametrize("side,want", [(224, 23), (64, 7), (32, 3), (8, 1)])
@@ -156,8 +207,12 @@ def test_rgb_to_hsv_matches_colorsys_and_round_trips():
                         np.zeros((1, 3)), [[1.0, 1.0, 0.0], [0.2, 0.2, 0.9]]]).astype(np.float32)
   hsv = np.asarray(augment.rgb_to_hsv(rgb))
   want = np.array([colorsys.rgb_to_hsv(*p) for p in rgb.astype(np.float64)])
-  np.testing.assert_allclose(hsv, want, atol=2e-6)
-  np.testing.assert_allclose(augment.hsv_to_rgb(hsv), rgb, atol=2e-6)
+  # From exact float32 inputs: v exact; chroma and s (a quotient) 2 ulps; the hue, a quotient
+  # of at most 1 plus a sextant offset up to 4, over 6, plus 1 if negative: 4 ulps of 1.
+  tolerances.assert_close(hsv, want, tolerances.ulps(np.array([4, 2, 0]), np.maximum(want, [1, 0, 0])))
+  # Back: 6 x the hue's 4 ulps, the ramp's offsets and clips (~6 ulps of 11), and the
+  # products and difference with v, s (~6 ulps): 36 ulps of 1.
+  tolerances.assert_close(augment.hsv_to_rgb(hsv), rgb, tolerances.ulps(36))
 
 
 def test_one_channel_images_skip_colour_ops_and_keep_the_rest():
@@ -165,10 +220,11 @@ def test_one_channel_images_skip_colour_ops_and_keep_the_rest():
   for op in (lambda x: augment.adjust_saturation(x, 1.5), lambda x: augment.adjust_hue(x, 0.2),
              augment.to_grayscale):
     np.testing.assert_array_equal(op(gray), gray)
-  np.testing.assert_allclose(augment.adjust_contrast(gray, 1.3),
-                             tf.image.adjust_contrast(gray, 1.3).numpy(), atol=1e-6)
-  np.testing.assert_allclose(augment.gaussian_blur(gray, 1.0, 3), _np_blur(gray, 1.0, 3),
-                             atol=1e-6)
+  tolerances.assert_no_less_accurate(
+      augment.adjust_contrast(gray, 1.3), tf.image.adjust_contrast(gray, 1.3).numpy(),
+      _np_jitter_op(gray, augment.CONTRAST, _op_params(contrast_factor=1.3)))
+  want = _np_blur(gray, 1.0, 3)
+  tolerances.assert_close(augment.gaussian_blur(gray, 1.0, 3), want, _blur_bound(want, 1.0, 3))
 
 
 # --- Colour jitter in random order -----------------------------------------------------
@@ -210,8 +266,10 @@ def test_jitter_applies_ops_in_drawn_order_with_clips_like_tf(ops):
   image = _images((8, 8, 3), seed=5)
   apply = jax.jit(jax.vmap(lambda q: augment.apply_color_jitter(jnp.asarray(image), q, ops)))
   got = np.asarray(apply(p))
-  for i in range(24):
-    np.testing.assert_allclose(got[i], _reference_jitter(image, _index(p, i), ops), atol=2e-5)
+  for i in range(24):  # No less accurate than tf.image's float32 ops against float64.
+    q = _index(p, i)
+    tolerances.assert_no_less_accurate({i: got[i]}, {i: _reference_jitter(image, q, ops)},
+                                       {i: _reference_jitter(image, q, ops, float64=True)})
 
 
 def test_unknown_jitter_op_is_rejected_with_valid_names():
@@ -285,9 +343,11 @@ def test_pipeline_matches_op_by_op_reference(view, channels, dtype):
   assert 0.0 <= got.min() and got.max() <= 1.0
   draws = _jitted_draws(view)(keys)
   floats = images.astype(np.float32) / (255.0 if dtype == np.uint8 else 1.0)
-  for i in range(n):
-    np.testing.assert_allclose(got[i], _reference_view(floats[i], _index(draws, i), view),
-                               atol=2e-5, err_msg=f"image {i}")
+  for i in range(n):  # No less accurate than the tf.image / NumPy reference against float64.
+    d = _index(draws, i)
+    tolerances.assert_no_less_accurate(
+        {f"image {i}": got[i]}, {f"image {i}": _reference_view(floats[i], d, view)},
+        {f"image {i}": _reference_view(floats[i], d, view, float64=True)})
 
 
 def test_same_key_same_output_and_each_key_its_own_output():
@@ -307,8 +367,12 @@ def test_jit_equals_eager_on_the_paper_view2_preset():
   view = config_lib.view_preset(2)
   eager = augment.augment_view(images, keys, view)
   jitted = jax.jit(lambda x, k: augment.augment_view(x, k, view))(images, keys)
-  # Fusion reorders float sums (contrast means, blur taps): equal up to rounding.
-  np.testing.assert_allclose(jitted, eager, atol=1e-5)
+  # Fusion reorders float sums (contrast means, blur taps): equal up to rounding, so the
+  # jitted views are no less accurate than the eager ones against the float64 pipeline.
+  draws = _jitted_draws(augment.view_config(view))(keys)
+  want = np.stack([_reference_view(images[i] / 255.0, _index(draws, i), augment.view_config(view),
+                                   float64=True) for i in range(len(images))])
+  tolerances.assert_no_less_accurate(np.asarray(jitted), np.asarray(eager), want)
 
 
 def test_paper_view_presets_read_from_the_config():

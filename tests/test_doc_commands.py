@@ -41,6 +41,7 @@ SHELL_EXAMPLES = {
 }
 _PROGRAM = re.compile(r"byol-jax|-m\s+byol_jax")
 _OPERATOR = set("();<>|&")
+_WRAPPERS = {"nohup", "srun", "mpirun", "exec", "time", "env", "sudo"}
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
 _DEFAULT = re.compile(r"^\s*(?:export\s+)?(\w+)=\$\{\1:-([^}$`]*)\}\s*$", re.M)
 
@@ -78,20 +79,27 @@ def code_lines(path: pathlib.Path) -> list[tuple[int, str]]:
 
 
 def _program_args(simple: list[str]) -> list[list[str]]:
-  """The arguments of byol-jax in one simple command, or of the commands in its quoted
-  command strings."""
-  for i, token in enumerate(simple):
+  """The arguments of byol-jax in one simple command, or of the byol-jax commands in the
+  command strings it hands to a shell (`--command='...'`, `bash -c '...'`)."""
+  words = list(simple)
+  while words and re.fullmatch(r"\w+=.*", words[0]):  # NAME=value before the command.
+    words.pop(0)
+  # The program is the command, or comes after a program that runs one (with its options).
+  wrapped = bool(words) and words[0].rsplit("/", 1)[-1] in _WRAPPERS
+  for i, token in enumerate(words):
+    if i > 0 and not wrapped:
+      break
     name = token.rsplit("/", 1)[-1]
     if name == "byol-jax":
-      return [simple[i + 1:]]
-    if re.fullmatch(r"python[0-9.]*", name) and simple[i + 1:i + 3] == ["-m", "byol_jax"]:
-      return [simple[i + 3:]]
+      return [words[i + 1:]]
+    if re.fullmatch(r"python[0-9.]*", name) and words[i + 1:i + 3] == ["-m", "byol_jax"]:
+      return [words[i + 3:]]
   nested = []
-  for token in simple:
-    if re.search(r"\s", token) and _PROGRAM.search(token):
-      # --command='cd byol_jax && byol-jax ...' or bash -c 'byol-jax ...'.
-      inner = token.split("=", 1)[1] if token.startswith("-") and "=" in token else token
-      nested += shell_commands(inner)
+  for i, token in enumerate(simple):
+    if token.startswith("--command="):
+      nested += shell_commands(token.split("=", 1)[1])
+    elif token == "-c" and i > 0 and re.fullmatch(r"(ba|z)?sh", simple[i - 1].rsplit("/", 1)[-1]):
+      nested += shell_commands(simple[i + 1] if i + 1 < len(simple) else "")
   return nested
 
 
@@ -166,6 +174,10 @@ def test_commands_are_found_in_every_form_the_docs_use():
   assert shell_commands('F32=$(byol-jax bench step --config="$RECIPE" | tail -n 1)') == [
       ["bench", "step", "--config=$RECIPE"]]
   assert shell_commands("# byol-jax in a comment") == []
+  assert shell_commands("if [ -x .venv/bin/byol-jax ]; then echo byol-jax; fi") == []
+  assert shell_commands("JAX_PLATFORMS=cpu srun -N 2 byol-jax export --out=x") == [
+      ["export", "--out=x"]]
+  assert shell_commands("""ssh h --command='pkill -TERM -f "byol-jax pretrain"'""") == []
   assert expand("--x=${A:-1} --y=$B --z=${SLURM_PROCID}", {"B": "${C:-2}"}) == "--x=1 --y=2 --z=0"
 
 

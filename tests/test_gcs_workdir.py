@@ -2,17 +2,18 @@
 
 Cloud Storage is stood in for by fake-gcs-server (a GCS JSON API emulator) on 127.0.0.1.
 The whole product stack talks to it as it would to GCS: orbax's array data through
-TensorStore's gcs driver (TENSORSTORE_GCS_HTTP_URL), every other file through
-etils.epath's fsspec/gcsfs backend (EPATH_USE_TF=false; STORAGE_EMULATOR_HOST). What
-landed is read back through the emulator's own HTTP API, not through byol_jax.
+TensorStore's gcs driver (TENSORSTORE_GCS_HTTP_URL), every other file through the client
+byol_jax picks for every user (store/files.py: etils.epath on fsspec/gcsfs, which honours
+STORAGE_EMULATOR_HOST). What landed is read back through the emulator's own HTTP API, not
+through byol_jax.
 
 The emulator and the environment that points the product at it: tests/fake_gcs.py.
-The real entry points run as users run them (`python -m byol_jax ...` in a subprocess).
+The real entry points run as users run them (`python -m byol_jax ...` in a subprocess),
+in an environment that holds the emulator's endpoints and nothing that steers the client.
 The tests of this module share one emulator and one pretraining run, so they run on one
 pytest-xdist worker (xdist_group; pytest.ini distributes with --dist loadgroup).
 """
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -26,11 +27,13 @@ import pytest
 
 import fakes
 from fake_gcs import gcs  # noqa: F401  (the emulator fixture)
+from fake_gcs import user_env
 from byol_jax.store import checkpoint_reader
 from byol_jax import config as config_lib
 from byol_jax.weights import export
 from byol_jax.weights import export_formats
 from byol_jax.store import integrity
+from byol_jax.store import writers
 from byol_jax.training import train
 
 
@@ -41,6 +44,7 @@ RECIPE = str(ROOT / "configs" / "byol_fashion_mnist.py")
 # The manifest of step k appears once orbax has finished it, at the latest when the save of
 # step k + EVERY starts: the run must go on long enough after that to be killed mid-way.
 STEPS, EVERY = 40, 4
+METRICS_PARTS = "run/metrics.jsonl.d/"
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +53,8 @@ def data_dir(tmp_path_factory):
 
 
 def _cli(args):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  env = user_env(JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   env.pop("XLA_FLAGS", None)  # One CPU device, as a user's run.
   return subprocess.Popen([sys.executable, "-m", "byol_jax", *args], cwd=str(ROOT), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -116,8 +120,9 @@ def gs_run(gcs, data_dir):
   finally:
     proc.kill()
   killed_at = gcs.objects("run/")
+  parts_killed = {n: gcs.read(n) for n in killed_at if n.startswith(METRICS_PARTS)}
   rerun = _finish(_cli(_pretrain_args(data_dir, workdir)))
-  return dict(workdir=workdir, killed_at=killed_at, rerun_stdout=rerun)
+  return dict(workdir=workdir, killed_at=killed_at, parts_killed=parts_killed, rerun_stdout=rerun)
 
 
 def test_pretrain_on_gs_writes_everything_to_the_bucket_and_resumes_after_sigkill(
@@ -125,12 +130,19 @@ def test_pretrain_on_gs_writes_everything_to_the_bucket_and_resumes_after_sigkil
   assert not any(n.startswith(f"run/checkpoints/{STEPS}/") for n in gs_run["killed_at"])
   names = gcs.objects("run/")
   # (The first checkpoint, seen before the kill, is gone by now: checkpoint.keep prunes it.)
-  for expected in ("run/config.json", "run/metrics.jsonl",
-                   f"run/checkpoints/{STEPS}/{integrity.MANIFEST_FILE}"):
+  for expected in ("run/config.json", f"run/checkpoints/{STEPS}/{integrity.MANIFEST_FILE}"):
     assert expected in names
   assert any(n.startswith("run/events.out.tfevents.") for n in names), names
-  steps = [json.loads(line)["step"] for line in gcs.read("run/metrics.jsonl").decode().splitlines()]
+  # Metrics: the killed run's part, unchanged, then the rerun's, after it.
+  parts = [n for n in names if n.startswith(METRICS_PARTS)]
+  assert list(gs_run["parts_killed"]) == [METRICS_PARTS + "000000.jsonl"]
+  assert parts == [METRICS_PARTS + "000000.jsonl", METRICS_PARTS + "000001.jsonl"]
+  assert gcs.read(parts[0]) == gs_run["parts_killed"][parts[0]]
+  rows = [json.loads(line) for part in parts for line in gcs.read(part).decode().splitlines()]
+  assert writers.read_metrics(gs_run["workdir"]) == rows
+  steps = [row["step"] for row in rows]
   assert steps[-1] == STEPS and set(range(1, STEPS + 1)) <= set(steps)
+  assert "run/metrics.jsonl" not in names
   # The resumed run's final state equals that of an uninterrupted run on the local disk.
   straight = tmp_path / "straight"
   _finish(_cli(_pretrain_args(data_dir, straight)))
@@ -176,6 +188,28 @@ def test_sweep_of_two_runs_on_gs(gcs, data_dir, tmp_path):
   rows = gcs.read("sweep/results.csv").decode().splitlines()
   assert len(rows) == 3 and all(",done," in row for row in rows[1:])
   _no_scheme_folder_on_disk(ROOT, tmp_path)
+
+
+def test_a_user_process_resolves_gs_through_gcsfs_and_writes_to_the_server(gcs):  # noqa: F811
+  """What a `byol-jax` process picks for gs:// with nothing set but the server's endpoints:
+  the client the tests run (epath's fsspec backend, gcsfs's plain GCS client), not
+  tf.io.gfile, and what it writes lands in the bucket."""
+  url = gcs.url("backend", "probe.txt")
+  script = (
+      "import byol_jax.cli\n"  # The CLI's imports, as a user's process runs them.
+      "from etils.epath import backend\n"
+      "from byol_jax.store import files\n"
+      f"files.write_text_atomic({url!r}, 'written by a user process')\n"
+      f"path = files.as_path({url!r})\n"
+      "fs = path._backend.fs(str(path))\n"
+      "print(path._backend is backend.fsspec_backend, type(fs).__module__, type(fs).__name__)\n")
+  env = user_env()
+  assert "EPATH_USE_TF" not in env and env["STORAGE_EMULATOR_HOST"] == gcs.server_url
+  done = subprocess.run([sys.executable, "-c", script], cwd=str(ROOT), env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split() == ["True", "gcsfs.core", "GCSFileSystem"]
+  assert gcs.read("backend/probe.txt") == b"written by a user process"
 
 
 def test_an_unsupported_scheme_fails_at_start_up_without_a_local_folder(data_dir, tmp_path):

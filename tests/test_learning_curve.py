@@ -1,9 +1,14 @@
-"""scripts/learning_curve.py: the kNN curve read from a run's files, and its PNG."""
+"""scripts/learning_curve.py: the kNN curve read from a run's files (a local metrics.jsonl,
+or the metrics parts of a gs:// run on fake-gcs-server), and its PNG."""
 import json
 import pathlib
 import sys
 
 import pytest
+
+from fake_gcs import gcs  # noqa: F401  (the emulator fixture)
+from byol_jax.store import files
+from byol_jax.store import writers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -41,3 +46,19 @@ def test_main_writes_a_png_with_baselines_and_the_linear_point(tmp_path, capsys)
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   printed = capsys.readouterr().out
   assert "4 | 40.00%" in printed and "8 | 60.00%" in printed
+
+
+@pytest.mark.xdist_group("gcs")
+def test_a_gs_run_s_curve_reads_its_metrics_parts_across_a_resume(gcs, capsys):  # noqa: F811
+  workdir = gcs.url("curve")
+  files.write_json_atomic(files.join(workdir, "config.json"), {"batch_size": 4})
+  for steps in ((1, 2), (2, 3)):  # A run, then its resume from step 1 (a new part).
+    with writers.MetricWriter(workdir, 3, process_index=0, print_fn=lambda line: None) as w:
+      for step in steps:
+        w.write(step, {"knn_top1": step / 10 + (0.05 if steps[0] == 2 else 0)})
+  assert gcs.objects("curve/metrics.jsonl.d/") == [
+      "curve/metrics.jsonl.d/000000.jsonl", "curve/metrics.jsonl.d/000001.jsonl"]
+  assert learning_curve.knn_curve(workdir) == [(4, 0.1), (8, 0.25), (12, 0.35)]
+  learning_curve.main([f"--workdir={workdir}", f"--out={gcs.url('curve', 'curve.png')}"])
+  assert gcs.read("curve/curve.png")[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "12 | 35.00%" in capsys.readouterr().out

@@ -7,20 +7,15 @@ the same global batches (and its checkpoint restores on 1 x 4); a SIGKILLed proc
 the other down with a non-zero status within seconds; processes whose configs differ
 stop at start-up naming the field.
 
+The launch, the bounded wait and the kill are tests/multihost.py's (shared with
+test_multihost_eval.py, the evaluation commands on 2 processes).
+
 Data: each process reads its own slice of the split (data.py), shuffled with its own
 process index, so the global batch depends on the process count; it is not a function of
 (seed, step) alone. The 1 x 4 reference therefore reads both processes' slices itself and
 feeds their concatenation (process 0's devices first, as pmap orders them).
-
-The children run without the persistent compilation cache: with it, one process may load
-the update from the cache while the other compiles it, and the first step then failed on
-this machine with "Gloo context initialization failed ... GetKeyValue() timed out".
 """
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import chex
@@ -28,16 +23,16 @@ import numpy as np
 import pytest
 
 import fakes
+from multihost import kill_all as _kill_all
+from multihost import launch
+from multihost import wait_all as _wait_all
 from byol_jax.data import pipelines
 from byol_jax.store import checkpoint
 from byol_jax.jobs import loop
 from byol_jax.store import run_config
 
 # test_loop's helpers: the smoke config on the data set the tests write, restoring.
-from test_loop import RECIPE, ROOT, restore_final, smoke_config
-
-_CHILD_FLAGS = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
-                " --xla_llvm_disable_expensive_passes=true")
+from test_loop import RECIPE, restore_final, smoke_config
 
 
 @pytest.fixture(scope="module")
@@ -45,48 +40,14 @@ def data_dir(tmp_path_factory):
   return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _launch(data_dir, workdir, steps, per_process_args=((), ()), every=2, heartbeat=10):
   """Starts one `byol_jax pretrain` per entry of per_process_args; returns the Popens."""
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=_CHILD_FLAGS, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             PYTHONUNBUFFERED="1")
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  procs = []
-  for pid, extra in enumerate(per_process_args):
-    args = [sys.executable, "-m", "byol_jax", "pretrain", f"--config={RECIPE}:smoke",
-            f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
-            "--config.dataset.num_train_examples=64", "--config.dataset.deterministic=True",
-            f"--config.num_steps={steps}", f"--config.checkpoint.every_steps={every}",
-            "--config.log.every_steps=1", f"--coordinator_address=127.0.0.1:{port}",
-            f"--num_processes={len(per_process_args)}", f"--process_id={pid}",
-            "--initialization_timeout=120", f"--heartbeat_timeout={heartbeat}", *extra]
-    procs.append(subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  return procs
-
-
-def _wait_all(procs, timeout):
-  """(return codes, outputs) once every process has exited; all are killed at `timeout`."""
-  deadline, outputs = time.monotonic() + timeout, []
-  for proc in procs:
-    try:
-      outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-      outputs.append(None)
-  return [p.returncode for p in procs], outputs
-
-
-def _kill_all(procs):
-  for proc in procs:
-    if proc.poll() is None:
-      proc.kill()
-      proc.communicate()
+  common = [f"--config={RECIPE}:smoke", f"--workdir={workdir}",
+            f"--config.dataset.data_dir={data_dir}", "--config.dataset.num_train_examples=64",
+            "--config.dataset.deterministic=True", f"--config.num_steps={steps}",
+            f"--config.checkpoint.every_steps={every}", "--config.log.every_steps=1"]
+  return launch("pretrain", [[*common, *extra] for extra in per_process_args],
+                heartbeat=heartbeat)
 
 
 def _merged_slices(real):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances
 from byol_jax import config as config_lib
 from byol_jax.model import layers as layers_lib
 from byol_jax.model import networks
@@ -179,8 +180,10 @@ def test_forward_matches_haiku_resnet_with_same_weights(bottleneck, v2):
   their_params = dict(params, **{"encoder/~/logits": dict(w=jnp.eye(d), b=jnp.zeros(d))})
   their_out, their_state = theirs.apply(their_params, state, None, x, True)
   our_out, our_state = ours.apply(params, state, None, x, True)
-  chex.assert_trees_all_close(our_out, their_out, atol=1e-5, rtol=1e-5)
-  chex.assert_trees_all_close(our_state, their_state, atol=1e-6)
+  # The same operations in the same order (hk.BatchNorm, the same convolutions), run
+  # eagerly op by op: bitwise equal on any machine, no tolerance needed.
+  chex.assert_trees_all_equal(our_out, their_out)
+  chex.assert_trees_all_equal(our_state, their_state)
 
 
 # Every block type (basic: ResNet-18, bottleneck: ResNet-50) x version x norm, and every
@@ -375,12 +378,19 @@ def test_cross_replica_batchnorm_matches_one_device_on_the_whole_batch():
                    axis_name=parallel.DEVICE_AXIS, in_axes=(None, None, 0),
                    devices=jax.local_devices()[:n_dev])
   out_p, state_p = apply(params, state, x.reshape(n_dev, 2, *x.shape[1:]))
-  chex.assert_trees_all_close(jax.tree.map(lambda a: a.reshape(8, -1), out_p), out,
-                              atol=1e-5)
+  # Against the whole-batch apply in float64: the 4-device outputs and statistics no less
+  # accurate than the 1-device ones (tolerances.NOISE_FACTOR x their error or the noise
+  # floor).
+  with jax.enable_x64(True):
+    ref = jax.jit(lambda p, s, v: single.apply(p, s, None, v, True))(*tolerances.float64((params, state, x)))
+    ref_out, ref_state = tolerances.float64(ref)
+  out_shape = lambda tree: jax.tree.map(lambda a: np.asarray(a).reshape(8, -1), tree)  # noqa: E731
+  tolerances.assert_no_less_accurate(out_shape(out_p), out_shape(out), out_shape(ref_out))
   # On the host: indexing the sharded outputs (a[d]) would run a cross-device program.
   state_host = jax.tree.map(np.asarray, state_p)
   for d in range(n_dev):
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[d], state_host), new_state, atol=1e-5)
+    tolerances.assert_no_less_accurate(jax.tree.map(lambda a: a[d], state_host), new_state,
+                                       ref_state)
   # Statistics of one device's 2 examples alone give visibly different outputs.
   local, _ = single.apply(params, state, None, x[:2], True)
   assert np.max(np.abs(local["projection"] - out["projection"][:2])) > 1e-2
@@ -388,19 +398,31 @@ def test_cross_replica_batchnorm_matches_one_device_on_the_whole_batch():
 
 def test_weight_standardised_kernel_has_zero_mean_unit_variance_per_output():
   w = np.random.RandomState(0).normal(0.3, 0.05, size=(3, 3, 5, 7)).astype(np.float32)
-  ws = np.asarray(layers_lib.standardize_kernel(jnp.asarray(w)))
-  np.testing.assert_allclose(ws.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
-  np.testing.assert_allclose(ws.var(axis=(0, 1, 2)), 1.0, atol=1e-4)
+  ws = np.asarray(layers_lib.standardize_kernel(jnp.asarray(w)), np.float64)
+  # float32 in the library over n = 45 values per output: its mean is off by n ulps of
+  # mean|w|, which shifts every standardised value by that over std (+ 2 ulps of each); its
+  # variance (n squares summed, n + 3 ulps), rsqrt and the products move the variance of the
+  # result by n + 10 ulps relative, and WS_EPS by WS_EPS / var. Checked in float64.
+  n, w64 = 45, w.astype(np.float64)
+  scale = np.abs(w64).mean(axis=(0, 1, 2)) / w64.std(axis=(0, 1, 2))
+  tolerances.assert_close(ws.mean(axis=(0, 1, 2)), 0.0, tolerances.ulps(n + 3, scale + 1))
+  tolerances.assert_close(ws.var(axis=(0, 1, 2)), 1.0, tolerances.ulps(n + 10)
+                          + layers_lib.WS_EPS / w64.var(axis=(0, 1, 2)))
 
 
 def test_weight_standardised_conv_uses_the_standardised_kernel():
   x = np.random.RandomState(1).rand(2, 4, 4, 3).astype(np.float32)
   conv = hk.transform(lambda v: layers_lib.Conv2D(6, 1, standardize=True, name="c")(v))
   params = conv.init(KEY, x)
-  w = np.asarray(params["c"]["w"])[0, 0]  # [3, 6]
+  w = np.asarray(params["c"]["w"], np.float64)[0, 0]  # [3, 6]
   w_hat = (w - w.mean(0)) / np.sqrt(w.var(0))
-  np.testing.assert_allclose(conv.apply(params, None, x),
-                             np.einsum("nhwc,co->nhwo", x, w_hat), rtol=1e-4, atol=1e-5)
+  # float32: standardising n = 3 values (the mean: n + 1 ulps of mean|w| over std; std and
+  # rsqrt: n / 2 + 4 ulps of each value), then a sum of 3 products (3 ulps of sum|x w|).
+  n = w.shape[0]
+  w_err = (tolerances.ulps(n + 1, np.abs(w).mean(0) / np.sqrt(w.var(0)))
+           + tolerances.ulps(n / 2 + 4 + n, w_hat))
+  tolerances.assert_close(conv.apply(params, None, x), np.einsum("nhwc,co->nhwo", x, w_hat),
+                          np.einsum("nhwc,co->nhwo", np.abs(x), w_err))
 
 
 def np_conv(x, w, stride, pad):
@@ -435,11 +457,13 @@ def test_symmetric_padding_stride2_conv_matches_reference(size, kernel):
     return np.asarray(conv.apply(params, None, x)), np.asarray(params["c"]["w"])
 
   got, w = run("symmetric")
-  expected = np_conv(x, w, 2, kernel // 2)
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  expected = np_conv(x.astype(np.float64), w.astype(np.float64), 2, kernel // 2)
+  # A float32 sum of k x k x C products: k^2 C ulps of the sum of their magnitudes.
+  bound = tolerances.ulps(kernel * kernel * x.shape[-1], np_conv(np.abs(x), np.abs(w), 2, kernel // 2))
+  tolerances.assert_close(got, expected, bound)
   same, _ = run("same")  # Same init key, so the same kernel.
   if size % 2 == 0 and kernel > 1:  # TF 'SAME' shifts the window by one pixel here.
-    assert not np.allclose(same, expected, atol=1e-3)
+    assert np.any(np.abs(same - expected) > bound)  # Differs beyond rounding.
 
 
 @pytest.mark.parametrize("size", [7, 8, 9])

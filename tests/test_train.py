@@ -163,23 +163,21 @@ def test_four_devices_and_one_device_give_the_same_new_state():
 
   Splitting the batch over 4 devices changes the float32 summation order (partial sums,
   then an all-reduce), not the rounding bound, so the 4-device run must be as accurate as
-  the 1-device one, leaf by leaf: err(4) <= 8 max(err(1), floor), err the max error
-  against float64. Factor 8: the two errors are independent draws of rounding noise, and
-  the ratio of their maxima over a leaf of 8 to 32 values measured up to 4.4 (median 1)
-  over 8 batch pairs x 482 leaves; a device-count bug (no gradient pmean, per-device batch
-  norm) gives ratios over 1e3. Floor: 16 ulps of the module's largest value, the rounding
-  noise of the update's sums (about sqrt(n) ulps for n = 8 examples x 2 views x 2 steps x
-  the pixels) that holds leaves whose exact value is 0 (biases before batch norm: pure
-  cancellation) or whose error in one run happens to be ~0. The metrics, the same way.
+  the 1-device one, leaf by leaf: err(4) <= 8 max(err(1), 16 ulps of the module's largest
+  value), err the max error against float64 (tolerances.NOISE_FACTOR and NOISE_FLOOR_ULPS:
+  the factor 8 comes from this test's own measurements, up to 4.4 over 8 batch pairs; the
+  floor holds the biases before batch norm, whose gradients are pure cancellation). The
+  metrics, the same way. A fixed tolerance failed here on other CPUs: the LARS trace of a
+  near-zero batch-norm offset gradient after two steps is ill-conditioned.
   """
   batches = [host_batch(0), host_batch(1)]
   one, m_one = run_steps(1, batches)
   four, m_four = run_steps(4, batches)
   ref, m_ref = run_steps_float64(batches)
-  tolerances.assert_no_less_accurate(four, one, ref, factor=8, floor_ulps=16)
+  tolerances.assert_no_less_accurate(four, one, ref)
   keys = ("loss", "probe_loss", "grad_norm", "collapse_std", "effective_rank")
   m_four, m_one, m_ref = ({k: m[k] for k in keys} for m in (m_four, m_one, m_ref))
-  tolerances.assert_no_less_accurate(m_four, m_one, m_ref, factor=8, floor_ulps=16)
+  tolerances.assert_no_less_accurate(m_four, m_one, m_ref)
 
 
 def test_metrics_are_reported_and_healthy_at_init():

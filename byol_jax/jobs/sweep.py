@@ -21,7 +21,6 @@ import csv
 import dataclasses
 import importlib.util
 import io
-import json
 import os
 import pathlib
 import re
@@ -38,6 +37,7 @@ from byol_jax.evaluation import linear_eval
 from byol_jax.jobs import loop
 from byol_jax.store import files
 from byol_jax.store import run_config
+from byol_jax.store import writers
 
 PrintFn = Callable[[str], None]
 PretrainFn = Callable[..., dict]  # (config, workdir, print_fn) -> result dict.
@@ -48,8 +48,7 @@ DONE_FILE = "sweep_run.json"
 PRETRAINED_FILE = "sweep_pretrained.json"
 # Fields resolve_dataset fills in from the data where the recipe leaves them 0.
 _RESOLVED_FIELDS = ("dataset.num_train_examples", "dataset.num_classes")
-METRICS_FILE = "metrics.jsonl"
-# Metrics of metrics.jsonl whose last value goes in the table (key -> column).
+# Metrics of a run (writers.read_metrics) whose last value goes in the table (key -> column).
 FINAL_METRICS = {"loss": "loss", "collapse_std": "collapse_std", "probe_top1": "probe_top1",
                  "eval_top1": "probe_eval_top1"}
 COLUMNS = ("name", "status", "linear_top1", "linear_top5", "linear_lr", "probe_eval_top1",
@@ -214,14 +213,11 @@ def run_commands(runs: Sequence[Run], sweep_path: str, base_spec: str,
 
 
 def read_metrics(run_dir: str) -> dict[int, dict]:
-  """metrics.jsonl as {step: merged metrics}, later lines winning (a resume repeats steps)."""
-  path = files.join(run_dir, METRICS_FILE)
+  """A run's metrics (writers.read_metrics) as {step: merged metrics}, later rows winning
+  (a resume repeats steps)."""
   by_step: dict[int, dict] = {}
-  if files.exists(path):
-    for line in files.read_text(path).splitlines():
-      if line.strip():
-        record = json.loads(line)
-        by_step.setdefault(int(record["step"]), {}).update(record)
+  for record in writers.read_metrics(run_dir):
+    by_step.setdefault(int(record["step"]), {}).update(record)
   return dict(sorted(by_step.items()))
 
 
@@ -251,7 +247,7 @@ def _is_writer() -> bool:
 
 
 def _linear_row(run_dir: str, linear: Mapping[str, Any]) -> dict:
-  """A finished run's table row from its metrics.jsonl and its linear evaluation's result."""
+  """A finished run's table row from its metrics and its linear evaluation's result."""
   return dict(final_metrics(read_metrics(run_dir)), status="done", linear_top1=linear["top1"],
               linear_top5=linear["top5"],
               # linear_eval.run names the chosen base lr 'learning_rate'.

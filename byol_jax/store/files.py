@@ -1,10 +1,21 @@
 """Every user path is a URL: local paths and `gs://bucket/...` through one filesystem layer.
 
-All reads and writes of byol_jax's files (config.json, metrics.jsonl, manifests, results,
+All reads and writes of byol_jax's files (config.json, metrics, manifests, results,
 exports, sweep tables, plots, previews, `--pretrained=` inputs) go through this module,
-which is built on `etils.epath` (what orbax and tfds use; `gs://` goes through
-`tf.io.gfile`, or through fsspec/gcsfs when EPATH_USE_TF=false). No other module calls
+which is built on `etils.epath` (what orbax and tfds use). No other module calls
 `open`/`os.path`/`os.replace` on a user path.
+
+One gs:// client, the tested one: epath would route `gs://` through `tf.io.gfile` whenever
+TensorFlow is installed (it always is here), a client the tests cannot point at their
+emulator.
+Importing this module sets EPATH_USE_TF=false for the process (and the processes it
+starts), so epath, and orbax's checkpoint files through it, use fsspec/gcsfs (a runtime
+dependency), which tests run against a GCS emulator. epath reads the variable whenever it
+resolves a path's backend; every byol_jax entry point imports this module before it makes a
+path. (Orbax writes the arrays through TensorStore's own GCS client; TensorBoard events
+are written in memory and uploaded through this module.) gcsfs finds credentials as
+Google's libraries do (application default credentials, the VM's metadata server), and
+honours STORAGE_EMULATOR_HOST, which the tests set to their emulator.
 
 A URL whose scheme no backend handles is refused with a ValueError naming it; it never
 falls back to a local folder named after the scheme (`./gs:/...`).
@@ -21,6 +32,14 @@ import os
 from typing import Any
 
 from etils import epath
+
+# Before any path is made: see the module docstring. Set, not defaulted: a gs:// job must
+# not depend on an inherited variable to use the client its tests prove. The second one
+# (read when gcsfs is imported, at the first gs:// path) keeps gcsfs's plain GCS client:
+# its experimental zonal/hierarchical-bucket layer would add a control-plane call per bucket
+# on a code path the emulator cannot exercise.
+os.environ["EPATH_USE_TF"] = "false"
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 PathLike = str | os.PathLike
 # URL schemes a workdir may use: orbax writes checkpoints to local paths and gs:// only.
@@ -187,32 +206,85 @@ def write_json_atomic(url: PathLike, obj: Any) -> None:
   write_text_atomic(url, json.dumps(obj, indent=1, sort_keys=True))
 
 
-class AppendFile:
-  """A text file that grows by whole lines (metrics.jsonl), locally or in a bucket.
+# Parts of an appended file on an object store (see `AppendFile`): each part holds at most
+# PART_LINES lines and PART_BYTES bytes (a single larger append gets a part of its own).
+PARTS_SUFFIX = ".d"
+PART_LINES = 100
+PART_BYTES = 64 << 10
 
-  Locally the file is opened in append mode and flushed after every `append`. An object
-  store cannot append, so there the text so far (what the file held when opened, plus every
-  append) is kept and the whole object rewritten on each `append`: a reader sees the file
-  as of the last complete `append`.
+
+def parts_dir(url: PathLike) -> str:
+  """The folder of `url`'s parts: 'gs://b/run/metrics.jsonl' -> '.../metrics.jsonl.d'."""
+  return check_url(url) + PARTS_SUFFIX
+
+
+def _part_names(url: PathLike) -> list[tuple[int, str]]:
+  """(number, name) of `url`'s parts in order; other names in the folder are ignored."""
+  extension = os.path.splitext(os.fspath(url))[1]
+  found = []
+  for name in listdir(parts_dir(url)):
+    number, ext = os.path.splitext(name)
+    if ext == extension and number.isdigit():  # Not a local write's temporary file.
+      found.append((int(number), name))
+  return sorted(found)
+
+
+def appends_to_parts(url: PathLike) -> bool:
+  """Whether `AppendFile(url)` writes numbered parts (an object store, or a folder of parts
+  already there) rather than appending to `url` itself (a local file)."""
+  return not is_local(url) or is_dir(parts_dir(url))
+
+
+def read_appended(url: PathLike) -> str:
+  """Everything appended to `url` through `AppendFile`, in order: the file itself (a local
+  one, or one written whole before parts existed), then its parts by number."""
+  texts = [read_text(url)] if is_file(url) else []
+  texts += [read_text(join(parts_dir(url), name)) for _, name in _part_names(url)]
+  return "".join(texts)
+
+
+class AppendFile:
+  """A text file that grows by whole lines (metrics), locally or in a bucket, at a cost per
+  append that does not grow with the file.
+
+  A local file is opened in append mode and flushed after every `append`. An object store
+  cannot append, so there the lines go to numbered parts in the folder `parts_dir(url)`
+  (`metrics.jsonl.d/000000.jsonl`, ...): each `append` uploads the current part whole, and a
+  part full (PART_LINES lines or PART_BYTES bytes) is never written again: the next append
+  starts the next part. Opening an AppendFile whose parts exist (a resumed run) starts a
+  new part after the last one, so nothing written earlier is rewritten. Locally, once a
+  folder of parts exists (a workdir copied from a bucket), parts are written there too, so
+  the file itself always holds the oldest lines. `read_appended` reads both back as one.
   """
 
   def __init__(self, url: PathLike):
     self._url = check_url(url)
     self._local = None
-    self._text = None
-    if is_local(url):
+    self._part = self._lines = None
+    self._text = ""
+    if appends_to_parts(url):
+      names = _part_names(url)
+      self._part = names[-1][0] + 1 if names else 0
+      self._lines = 0
+    else:
       os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
       self._local = open(url, "a")
-    else:
-      self._text = read_text(url) if exists(url) else ""
 
   def append(self, text: str) -> None:
+    """Appends `text` (whole lines: it ends with a newline)."""
+    if not text.endswith("\n"):
+      raise ValueError(f"AppendFile takes whole lines; {text[-40:]!r} does not end with one.")
     if self._local is not None:
       self._local.write(text)
       self._local.flush()
-    else:
-      self._text += text
-      write_text_atomic(self._url, self._text)
+      return
+    if self._lines and (self._lines >= PART_LINES or
+                        len((self._text + text).encode("utf-8")) > PART_BYTES):
+      self._part, self._lines, self._text = self._part + 1, 0, ""
+    self._text += text
+    self._lines += text.count("\n")
+    extension = os.path.splitext(self._url)[1]
+    write_text_atomic(join(parts_dir(self._url), f"{self._part:06d}{extension}"), self._text)
 
   def close(self) -> None:
     if self._local is not None:

@@ -1,13 +1,19 @@
-"""Metrics out of the host loop: metrics.jsonl, TensorBoard scalars and a console progress line.
+"""Metrics out of the host loop: metrics.jsonl (or its parts), TensorBoard scalars, a console line.
 
 For each logged step `MetricWriter.write(step, metrics)`:
-  - appends one JSON object `{"step": 100, "loss": 0.41, ...}` to workdir/metrics.jsonl and
-    flushes it. Values are JSON numbers; a NaN or infinite value is written as null (JSON has
-    no NaN). After a resume from an earlier checkpoint a step can appear twice: the later line
-    is the one that belongs to the continuing run.
+  - appends one JSON object `{"step": 100, "loss": 0.41, ...}` to the workdir's metrics and
+    flushes it: to workdir/metrics.jsonl on a local disk, to numbered parts
+    workdir/metrics.jsonl.d/000000.jsonl, ... on an object store (gs://), where a file cannot
+    grow (files.AppendFile: each log uploads one bounded part, so its cost does not grow with
+    the run). `read_metrics` reads either back as one list, the way every reader should.
+    Values are JSON numbers; a NaN or infinite value is written as null (JSON has no NaN).
+    After a resume from an earlier checkpoint a step can appear twice: the later line is the
+    one that belongs to the continuing run.
   - writes every metric as a TensorBoard scalar under workdir (tf.summary), NaN included;
     under a URL workdir (gs://) the events file is written in TF's in-memory filesystem and
-    copied whole to the workdir after each flush, through files.py like every other file;
+    uploaded whole after each flush, through files.py like every other file; once it holds
+    EVENTS_FILE_BYTES it is closed and a new events file started, so an upload stays bounded
+    too (TensorBoard reads all events files of a directory as one run);
   - prints a progress line: step/total, loss, probe top-1, collapse monitor, images/s and an
     ETA (h:mm:ss) from the rate over the last `window` logged steps.
 Only process 0 writes anything; on other processes every method does nothing.
@@ -28,6 +34,8 @@ from tensorflow.core.framework import summary_pb2
 from byol_jax.store import files
 
 METRICS_FILE = "metrics.jsonl"
+# Under a URL workdir, an events file this large is closed and a new one started.
+EVENTS_FILE_BYTES = 64 << 10
 
 # What tensorboard's own scalar summary attaches; written through the core `tf.summary.write`
 # because `tf.summary.scalar` needs the tensorboard package, which tensorflow-cpu lacks.
@@ -44,6 +52,20 @@ CONSOLE_FIELDS = {
 }
 
 
+def metrics_url(workdir: str) -> str:
+  """Where MetricWriter appends a workdir's metrics: metrics.jsonl, or its folder of parts."""
+  path = files.join(workdir, METRICS_FILE)
+  return files.parts_dir(path) if files.appends_to_parts(path) else path
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Every metrics row MetricWriter wrote in `workdir` (local or gs://), in the order written:
+  metrics.jsonl (a local run's, or an older run's), then its parts. [] when there are none.
+  A resumed run repeats steps: a later row of a step belongs to the continuing run."""
+  text = files.read_appended(files.join(workdir, METRICS_FILE))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def format_duration(seconds: float) -> str:
   """Seconds as h:mm:ss (hours unbounded), e.g. 3725 -> '1:02:05'."""
   seconds = int(round(seconds))
@@ -55,21 +77,35 @@ _RAM_DIRS = itertools.count()  # One in-memory events directory per mirrored wri
 
 class _EventFiles:
   """tf.summary's writer for a workdir: directly for a local path; for a URL, into TF's
-  in-memory `ram://` filesystem, each file copied whole to the workdir on `flush`."""
+  in-memory `ram://` filesystem, the events file uploaded whole to the workdir on `flush`,
+  and replaced by a new one (in a new ram:// folder) once it holds EVENTS_FILE_BYTES."""
 
   def __init__(self, workdir: str):
     self._workdir = workdir
     self._ram = None
-    if not files.is_local(workdir):
-      self._ram = f"ram://byol_jax_events/{os.getpid()}-{next(_RAM_DIRS)}"
-    self.writer = tf.summary.create_file_writer(self._ram or workdir)
+    self.writer = self._new_writer()
+
+  def _new_writer(self):
+    if files.is_local(self._workdir):
+      return tf.summary.create_file_writer(self._workdir)
+    self._ram = f"ram://byol_jax_events/{os.getpid()}-{next(_RAM_DIRS)}"
+    return tf.summary.create_file_writer(self._ram)
 
   def flush(self) -> None:
     self.writer.flush()
-    if self._ram is not None:
-      for name in tf.io.gfile.listdir(self._ram):
-        with tf.io.gfile.GFile(f"{self._ram}/{name}", "rb") as f:
-          files.write_bytes_atomic(files.join(self._workdir, name), f.read())
+    if self._ram is None:
+      return
+    names = tf.io.gfile.listdir(self._ram)
+    full = any(tf.io.gfile.stat(f"{self._ram}/{name}").length >= EVENTS_FILE_BYTES
+               for name in names)
+    if full:
+      self.writer.close()  # Uploaded below, whole, and never written again.
+    for name in names:
+      with tf.io.gfile.GFile(f"{self._ram}/{name}", "rb") as f:
+        files.write_bytes_atomic(files.join(self._workdir, name), f.read())
+    if full:
+      tf.io.gfile.rmtree(self._ram)
+      self.writer = self._new_writer()
 
   def close(self) -> None:
     self.flush()
@@ -90,14 +126,14 @@ def _scalar(name: str, value) -> float | int:
 
 
 class MetricWriter:
-  """Writes scalar metrics of logged steps to metrics.jsonl, TensorBoard and the console."""
+  """Writes scalar metrics of logged steps to the metrics file, TensorBoard and the console."""
 
   def __init__(self, workdir: str, total_steps: int, *, images_per_step: int | None = None,
                process_index: int | None = None, window: int = 10,
                time_fn: Callable[[], float] = time.monotonic,
                print_fn: Callable[[str], None] | None = None):
     """Args:
-      workdir: directory for metrics.jsonl and the TensorBoard events (created if missing).
+      workdir: directory for the metrics and the TensorBoard events (created if missing).
       total_steps: steps of the whole run, for the progress fraction and the ETA.
       images_per_step: global batch size; images/s is shown when given.
       process_index: this process (default jax.process_index()); only 0 writes.

@@ -1,0 +1,80 @@
+"""Starting `python -m byol_jax` as several local processes of one multi-host job.
+
+Each child gets --coordinator_address on 127.0.0.1 (gloo CPU collectives, jax's default),
+2 CPU devices through XLA_FLAGS, and no persistent compilation cache: with it, one process
+may load a program from the cache while the other compiles it, and the first collective
+then failed on this machine with "Gloo context initialization failed ... GetKeyValue()
+timed out". Callers wait with `wait_all` (bounded) and call `kill_all` in a `finally`.
+"""
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEVICES_PER_PROCESS = 2
+CHILD_XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
+                   " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def child_env() -> dict:
+  env = dict(os.environ, XLA_FLAGS=CHILD_XLA_FLAGS, JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return env
+
+
+def multihost_flags(port: int, num_processes: int, process_id: int, heartbeat: int) -> list[str]:
+  return [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+          f"--process_id={process_id}", "--initialization_timeout=120",
+          f"--heartbeat_timeout={heartbeat}"]
+
+
+def launch(command: str, per_process_args, heartbeat: int = 10, stdouts=None):
+  """Starts `python -m byol_jax COMMAND` once per entry of per_process_args (that process's
+  flags), as one job; returns the Popens. Process i writes its stdout and stderr to
+  stdouts[i] (a path) when given, else to a pipe (read by `wait_all`)."""
+  port, procs = free_port(), []
+  try:
+    for pid, args in enumerate(per_process_args):
+      argv = [sys.executable, "-m", "byol_jax", command, *args,
+              *multihost_flags(port, len(per_process_args), pid, heartbeat)]
+      out = open(stdouts[pid], "w") if stdouts else subprocess.PIPE  # pylint: disable=consider-using-with
+      try:
+        procs.append(subprocess.Popen(argv, cwd=str(ROOT), env=child_env(), stdout=out,
+                                      stderr=subprocess.STDOUT, text=True))
+      finally:
+        if stdouts:
+          out.close()  # The child holds its own descriptor.
+  except BaseException:
+    kill_all(procs)
+    raise
+  return procs
+
+
+def wait_all(procs, timeout: float):
+  """(return codes, outputs) once every process has exited or `timeout` seconds have passed
+  (a process still running then has code None). Outputs are None for processes whose
+  stdout went to a file."""
+  deadline, outputs = time.monotonic() + timeout, []
+  for proc in procs:
+    try:
+      outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+      outputs.append(None)
+  return [p.returncode for p in procs], outputs
+
+
+def kill_all(procs) -> None:
+  for proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
