@@ -6,7 +6,7 @@ What users import from the package itself:
   encoder = load_encoder("encoder.safetensors")  # An export, a workdir or an authors' .pkl.
   features = encoder(images)  # [N, H, W, C] uint8 or float in [0, 1] -> [N, D] NumPy.
 
-Training, evaluation and export run through the `byol-jax` command (byol_jax/cli.py).
+Training, evaluation and export run through the `byol-jax` command (byol_jax/cli/).
 Everything else lives in the subpackages (see docs/architecture.md) and may change
 between versions; `__all__` is the stable surface.
 """

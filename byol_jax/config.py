@@ -12,7 +12,7 @@ import ml_collections
 # Names accepted by the string-valued fields. resnet.py, layers.py, networks.py, optim.py
 # and augment.py hold the registries these names index; tests check the two stay in step.
 ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
-STEMS = ("imagenet", "small")
+STEMS = ("imagenet", "small", "small_s2")
 NORMS = ("batch", "group_ws", "none")
 PADDINGS = ("same", "symmetric")
 CONV_IMPLS = ("lax", "taps")

@@ -39,12 +39,12 @@ MEMORY_PRECISION=${MEMORY_PRECISION:-bfloat16}
 # The device (line 1, JSON), then its local device count and memory in GiB (line 2).
 PROBE=$(python3 -c '
 import json, jax
-from byol_jax.tools import bench
+from byol_jax.tools import bench_memory
 devices = jax.local_devices()
 limit = (devices[0].memory_stats() or {}).get("bytes_limit")
 print(json.dumps(dict(device=devices[0].device_kind, platform=devices[0].platform,
                       local_devices=len(devices), memory_limit_bytes=limit)))
-print(len(devices), round((limit or bench.available_host_memory_bytes() // len(devices)) / 2**30, 2))')
+print(len(devices), round((limit or bench_memory.available_host_memory_bytes() // len(devices)) / 2**30, 2))')
 DEVICE=$(head -n 1 <<< "$PROBE")
 read -r DEVICES DEVICE_GB <<< "$(tail -n 1 <<< "$PROBE")"
 if [ -z "${BATCH:-}" ]; then

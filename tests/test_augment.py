@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import tolerances
 from byol_jax.training import augment
+from byol_jax.training import image_ops
 from byol_jax import config as config_lib
 
 _OFF = dict(flip_prob=0.0, color_jitter_prob=0.0, brightness=0.4, contrast=0.4,
@@ -112,7 +113,7 @@ def _reference_view(image, draws, view, float64=False):
     x = np.repeat(gray[..., None], 3, axis=-1)
   if draws.blur:
     x = _np_blur(x, float(draws.blur_sigma),
-                 augment.blur_kernel_size(x.shape[0], view.blur_kernel_fraction))
+                 image_ops.blur_kernel_size(x.shape[0], view.blur_kernel_fraction))
   if draws.solarize:
     x = np.where(x < view.solarize_threshold, x, 1.0 - x)
   return np.clip(x, 0.0, 1.0)
@@ -143,14 +144,14 @@ IMAGE = _images((6, 7, 3), seed=1)
 
 
 def test_flip_matches_tf():
-  np.testing.assert_array_equal(augment.flip_left_right(IMAGE),
+  np.testing.assert_array_equal(image_ops.flip_left_right(IMAGE),
                                 tf.image.flip_left_right(IMAGE).numpy())
 
 
 @pytest.mark.parametrize("delta", [-0.3, 0.25])
 def test_brightness_matches_tf(delta):
   # One float32 addition of the same float32 delta on both sides: bitwise equal.
-  np.testing.assert_array_equal(augment.adjust_brightness(IMAGE, delta),
+  np.testing.assert_array_equal(image_ops.adjust_brightness(IMAGE, delta),
                                 tf.image.adjust_brightness(IMAGE, delta).numpy())
 
 
@@ -158,27 +159,27 @@ def test_brightness_matches_tf(delta):
 def test_contrast_matches_tf_per_channel_mean(factor):
   # float32 both: against the float64 maths, no less accurate than tf.image (this and below).
   tolerances.assert_no_less_accurate(
-      augment.adjust_contrast(IMAGE, factor), tf.image.adjust_contrast(IMAGE, factor).numpy(),
+      image_ops.adjust_contrast(IMAGE, factor), tf.image.adjust_contrast(IMAGE, factor).numpy(),
       _np_jitter_op(IMAGE, augment.CONTRAST, _op_params(contrast_factor=factor)))
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.8, 1.2, 3.0])
 def test_saturation_matches_tf(factor):
   tolerances.assert_no_less_accurate(
-      augment.adjust_saturation(IMAGE, factor), tf.image.adjust_saturation(IMAGE, factor).numpy(),
+      image_ops.adjust_saturation(IMAGE, factor), tf.image.adjust_saturation(IMAGE, factor).numpy(),
       _np_jitter_op(IMAGE, augment.SATURATION, _op_params(saturation_factor=factor)))
 
 
 @pytest.mark.parametrize("delta", [-0.1, 0.07, 0.5])
 def test_hue_matches_tf(delta):
   tolerances.assert_no_less_accurate(
-      augment.adjust_hue(IMAGE, delta), tf.image.adjust_hue(IMAGE, delta).numpy(),
+      image_ops.adjust_hue(IMAGE, delta), tf.image.adjust_hue(IMAGE, delta).numpy(),
       _np_jitter_op(IMAGE, augment.HUE, _op_params(hue_delta=delta)))
 
 
 def test_grayscale_matches_tf_repeated_to_three_channels():
   want = np.repeat(tf.image.rgb_to_grayscale(IMAGE).numpy(), 3, axis=-1)
-  tolerances.assert_no_less_accurate(augment.to_grayscale(IMAGE), want, np.repeat(
+  tolerances.assert_no_less_accurate(image_ops.to_grayscale(IMAGE), want, np.repeat(
       (IMAGE.astype(np.float64) @ np.array([0.2989, 0.587, 0.114]))[..., None], 3, axis=-1))
 
 
@@ -186,45 +187,45 @@ def test_grayscale_matches_tf_repeated_to_three_channels():
 def test_blur_matches_numpy_2d_convolution_with_zero_padding(sigma, kernel_size):
   image = _images((9, 11, 3), seed=2)
   want = _np_blur(image, sigma, kernel_size)
-  tolerances.assert_close(augment.gaussian_blur(image, sigma, kernel_size), want,
+  tolerances.assert_close(image_ops.gaussian_blur(image, sigma, kernel_size), want,
                           _blur_bound(want, sigma, kernel_size))
 
 
 @pytest.mark.parametrize("side,want", [(224, 23), (64, 7), (32, 3), (8, 1)])
 def test_blur_kernel_is_odd_and_about_a_tenth_of_the_side(side, want):
-  assert augment.blur_kernel_size(side, 0.1) == want
+  assert image_ops.blur_kernel_size(side, 0.1) == want
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
 def test_solarize_matches_formula(threshold):
   image = np.concatenate([IMAGE.ravel(), [threshold, 0.0, 1.0]]).astype(np.float32)
   want = np.where(image < threshold, image, 1.0 - image)
-  np.testing.assert_array_equal(augment.solarize(image, threshold), want)
+  np.testing.assert_array_equal(image_ops.solarize(image, threshold), want)
 
 
 def test_rgb_to_hsv_matches_colorsys_and_round_trips():
   rgb = np.concatenate([_images((200, 3), seed=3), np.eye(3), np.ones((1, 3)) * 0.4,
                         np.zeros((1, 3)), [[1.0, 1.0, 0.0], [0.2, 0.2, 0.9]]]).astype(np.float32)
-  hsv = np.asarray(augment.rgb_to_hsv(rgb))
+  hsv = np.asarray(image_ops.rgb_to_hsv(rgb))
   want = np.array([colorsys.rgb_to_hsv(*p) for p in rgb.astype(np.float64)])
   # From exact float32 inputs: v exact; chroma and s (a quotient) 2 ulps; the hue, a quotient
   # of at most 1 plus a sextant offset up to 4, over 6, plus 1 if negative: 4 ulps of 1.
   tolerances.assert_close(hsv, want, tolerances.ulps(np.array([4, 2, 0]), np.maximum(want, [1, 0, 0])))
   # Back: 6 x the hue's 4 ulps, the ramp's offsets and clips (~6 ulps of 11), and the
   # products and difference with v, s (~6 ulps): 36 ulps of 1.
-  tolerances.assert_close(augment.hsv_to_rgb(hsv), rgb, tolerances.ulps(36))
+  tolerances.assert_close(image_ops.hsv_to_rgb(hsv), rgb, tolerances.ulps(36))
 
 
 def test_one_channel_images_skip_colour_ops_and_keep_the_rest():
   gray = _images((6, 7, 1), seed=4)
-  for op in (lambda x: augment.adjust_saturation(x, 1.5), lambda x: augment.adjust_hue(x, 0.2),
-             augment.to_grayscale):
+  for op in (lambda x: image_ops.adjust_saturation(x, 1.5), lambda x: image_ops.adjust_hue(x, 0.2),
+             image_ops.to_grayscale):
     np.testing.assert_array_equal(op(gray), gray)
   tolerances.assert_no_less_accurate(
-      augment.adjust_contrast(gray, 1.3), tf.image.adjust_contrast(gray, 1.3).numpy(),
+      image_ops.adjust_contrast(gray, 1.3), tf.image.adjust_contrast(gray, 1.3).numpy(),
       _np_jitter_op(gray, augment.CONTRAST, _op_params(contrast_factor=1.3)))
   want = _np_blur(gray, 1.0, 3)
-  tolerances.assert_close(augment.gaussian_blur(gray, 1.0, 3), want, _blur_bound(want, 1.0, 3))
+  tolerances.assert_close(image_ops.gaussian_blur(gray, 1.0, 3), want, _blur_bound(want, 1.0, 3))
 
 
 # --- Colour jitter in random order -----------------------------------------------------

@@ -1,6 +1,6 @@
-"""Tests of bench.py: the step benchmark's figures and parts; the memory benchmark (XLA's
-per-device figures of the compiled update), the batch search against a budget, and
-donation of the old state's buffers.
+"""Tests of bench.py and bench_memory.py: the step benchmark's figures and parts; the memory
+benchmark (XLA's per-device figures of the compiled update), the batch search against a
+budget, and donation of the old state's buffers.
 
 One UpdateMemory (the smoke recipe at 16 px, 4 fake devices) is shared by all tests so
 each per-device batch size is compiled once.
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from byol_jax.tools import bench
+from byol_jax.tools import bench_memory
 from byol_jax import parallel
 from byol_jax.training import train
 
@@ -28,7 +29,7 @@ def analyse():
   c = byol_fashion_mnist.get_config("smoke")
   c.unlock()
   c.image_size = SIZE
-  return bench.UpdateMemory(c, CHANNELS)
+  return bench_memory.UpdateMemory(c, CHANNELS)
 
 
 def test_bytes_grow_with_batch_by_the_batch_arguments(analyse):
@@ -50,7 +51,7 @@ def test_bytes_grow_with_batch_by_the_batch_arguments(analyse):
 def test_reported_largest_batch_fits_and_next_power_of_two_does_not(analyse):
   budget = (analyse(2)["total_bytes"] + analyse(4)["total_bytes"]) // 2
   # resolution=2 stops the bisection before batch 3 (one compile fewer).
-  found = bench.largest_fitting_batch(lambda b: analyse(b)["total_bytes"], budget, start=2,
+  found = bench_memory.largest_fitting_batch(lambda b: analyse(b)["total_bytes"], budget, start=2,
                                       resolution=2)
   largest = found["largest"]
   assert (largest, found["smallest_failing"]) == (2, 4)
@@ -65,13 +66,13 @@ def test_reported_largest_batch_fits_and_next_power_of_two_does_not(analyse):
     (0, 4, 0, 1),  # Nothing fits.
 ])
 def test_search_finds_the_bound_of_a_linear_cost(budget, start, largest, failing):
-  found = bench.largest_fitting_batch(lambda b: b, budget, start=start, resolution=1)
+  found = bench_memory.largest_fitting_batch(lambda b: b, budget, start=start, resolution=1)
   assert (found["largest"], found["smallest_failing"]) == (largest, failing)
 
 
 def test_search_stops_at_its_evaluation_cap():
   calls = []
-  found = bench.largest_fitting_batch(lambda b: calls.append(b) or 0, 10, start=1,
+  found = bench_memory.largest_fitting_batch(lambda b: calls.append(b) or 0, 10, start=1,
                                       max_evaluations=5)
   assert len(calls) == found["evaluations"] == 5 and found["smallest_failing"] is None
   assert found["largest"] == 16
@@ -96,10 +97,10 @@ def test_update_deletes_the_old_state_buffers(analyse):
 
 def test_memory_benchmark_reports_the_saved_activations_of_its_batch(analyse):
   # A budget nothing reaches and one compile: the configured batch only (cached above).
-  figures = bench.memory_benchmark(analyse.c, budget_gb=1e6, channels=CHANNELS, max_compiles=1)
+  figures = bench_memory.memory_benchmark(analyse.c, budget_gb=1e6, channels=CHANNELS, max_compiles=1)
   per_device = figures["per_device_batch"]
   assert figures["compiles"] == 1 and figures["largest_per_device_batch"] == per_device
-  saved = bench.saved_activations(analyse.c, per_device, CHANNELS)
+  saved = bench_memory.saved_activations(analyse.c, per_device, CHANNELS)
   assert {k: figures[k] for k in saved} == saved
   assert saved["saved_activation_bytes_float32"] > 0 == saved["saved_activation_bytes_bfloat16"]
   assert figures["saved_activation_gb"] == round(saved["saved_activation_bytes"] / 1024**3, 4)

@@ -1,5 +1,6 @@
-"""bfloat16's activation memory, measured backend-independently (bench.saved_tensors), and
-the rematerialised norms that make it half of float32's without changing any value.
+"""bfloat16's activation memory, measured backend-independently
+(bench_memory.saved_tensors), and the rematerialised norms that make it half of float32's
+without changing any value.
 
 Everything here is traced on shapes except the remat comparison, which runs one small
 loss and gradient on the host (no pmap).
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax.tools import bench
+from byol_jax.tools import bench_memory
 from byol_jax import config as config_lib
 from byol_jax.model import networks
 from byol_jax.training import train
@@ -56,8 +57,8 @@ def test_bfloat16_saves_bf16_activations_at_most_0_6x_float32s_bytes(encoder, no
   output it masks, so M <= F / 4 and M / T <= 1/5: ratio <= 0.6 (+ L / 2T, a few [b, 16]
   vectors, negligible).
   """
-  f32 = bench.saved_tensors(tiny_config("float32", encoder, norm), PER_DEVICE, CHANNELS)
-  bf16 = bench.saved_tensors(tiny_config("bfloat16", encoder, norm), PER_DEVICE, CHANNELS)
+  f32 = bench_memory.saved_tensors(tiny_config("float32", encoder, norm), PER_DEVICE, CHANNELS)
+  bf16 = bench_memory.saved_tensors(tiny_config("bfloat16", encoder, norm), PER_DEVICE, CHANNELS)
   act = lambda tensors, dtype: sum(t.nbytes for t in tensors if t.activation and t.dtype == dtype)
   # Under bf16 the only float32 activations are the loss's, on the network's outputs.
   leftover = {t.shape for t in bf16 if t.activation and t.dtype == np.float32}
@@ -72,7 +73,7 @@ def test_bfloat16_saves_bf16_activations_at_most_0_6x_float32s_bytes(encoder, no
 
 def test_saved_activation_figures_add_up_and_split_the_weights_off():
   c = tiny_config("bfloat16")
-  figures = bench.saved_activations(c, PER_DEVICE, CHANNELS)
+  figures = bench_memory.saved_activations(c, PER_DEVICE, CHANNELS)
   by_dtype = {k: v for k, v in figures.items() if k.startswith("saved_activation_bytes_")}
   assert {"saved_activation_bytes_float32", "saved_activation_bytes_bfloat16"} <= set(by_dtype)
   assert figures["saved_activation_bytes"] == sum(by_dtype.values())
@@ -85,7 +86,7 @@ def test_saved_activation_figures_add_up_and_split_the_weights_off():
                 if k == "w" and not m.startswith("classifier"))
   assert figures["saved_non_activation_bytes"] >= kernels
   # Doubling the batch doubles the activations and leaves the weights alone.
-  double = bench.saved_activations(c, 2 * PER_DEVICE, CHANNELS)
+  double = bench_memory.saved_activations(c, 2 * PER_DEVICE, CHANNELS)
   assert double["saved_activation_bytes"] == 2 * figures["saved_activation_bytes"]
   assert double["saved_non_activation_bytes"] == figures["saved_non_activation_bytes"]
 
@@ -93,7 +94,7 @@ def test_saved_activation_figures_add_up_and_split_the_weights_off():
 def test_without_remat_norms_bfloat16_saves_float32_feature_maps(monkeypatch):
   """The bug the remat'ed norms fix: float32 norms keep float32 copies of their inputs."""
   without_remat_norms(monkeypatch)
-  saved = bench.saved_tensors(tiny_config("bfloat16"), PER_DEVICE, CHANNELS)
+  saved = bench_memory.saved_tensors(tiny_config("bfloat16"), PER_DEVICE, CHANNELS)
   assert any(t.activation and t.dtype == np.float32 and len(t.shape) == 4 for t in saved)
 
 

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 import fakes
 from byol_jax import cli
+from byol_jax.cli import command_line
 from byol_jax import config as config_lib
 from byol_jax.store import run_config
 
@@ -85,7 +86,7 @@ def test_help_lists_every_command(capsys):
 
 def test_every_command_has_help_and_every_flag_belongs_to_a_command():
   assert set(cli.COMMAND_FLAGS) == set(cli.COMMANDS) | {"sweep"}
-  defined = {flag.name for flag in cli.FLAGS.get_flags_for_module(cli.__name__)}
+  defined = {flag.name for flag in cli.FLAGS.get_flags_for_module(command_line.__name__)}
   listed = set().union(*cli.COMMAND_FLAGS.values())
   assert listed == defined, f"flags in no command's help: {sorted(defined - listed)}"
 

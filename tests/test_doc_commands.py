@@ -25,6 +25,7 @@ import sys
 import pytest
 
 from byol_jax import cli
+from byol_jax.cli import command_line
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"),
@@ -210,7 +211,8 @@ def test_doc_command_parses(command, monkeypatch):
 
 def test_run_parses_with_parse(monkeypatch):
   seen = []
-  monkeypatch.setattr(cli, "parse", lambda argv: seen.append(argv) or cli.CommandLine("", [], help=True))
+  monkeypatch.setattr(command_line, "parse",
+                      lambda argv: seen.append(argv) or cli.CommandLine("", [], help=True))
   cli.run(["byol-jax", "pretrain"])
   assert seen == [["byol-jax", "pretrain"]]
 

@@ -18,6 +18,7 @@ import fakes
 from byol_jax import config as config_lib
 from byol_jax import parallel
 from byol_jax.data import pipelines
+from byol_jax.jobs import health
 from byol_jax.jobs import loop
 from byol_jax.store import checkpoint
 from byol_jax.store import integrity
@@ -173,7 +174,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
 def _guards(**kw):
   args = dict(max_nonfinite=3, collapse_threshold=0.05, collapse_patience=2, stop_on_collapse=False)
   args.update(kw)
-  return loop.Guards(**args)
+  return health.Guards(**args)
 
 
 def test_guard_stops_after_k_consecutive_non_finite_steps_naming_the_step():
@@ -182,7 +183,7 @@ def test_guard_stops_after_k_consecutive_non_finite_steps_naming_the_step():
   bad = dict(nonfinite=1.0, collapse_std=float("nan"))
   for step, m in enumerate([bad, bad, healthy, bad, bad], start=1):
     g.check(step, m, dim=16)  # Never three in a row: no error.
-  with pytest.raises(loop.NonFiniteError, match="ending at step 6"):
+  with pytest.raises(health.NonFiniteError, match="ending at step 6"):
     g.check(6, bad, dim=16)
   assert g.total_nonfinite == 5
 
@@ -195,7 +196,7 @@ def test_collapse_alarm_warns_or_stops_after_patience():
   assert g.warned
   stopping = _guards(stop_on_collapse=True)
   stopping.check(1, collapsed, 16)
-  with pytest.raises(loop.CollapseError, match="step 2"):
+  with pytest.raises(health.CollapseError, match="step 2"):
     stopping.check(2, collapsed, 16)
 
 
@@ -340,7 +341,7 @@ def test_k_nan_steps_in_a_row_stop_the_job_with_a_finite_checkpoint(data_dir, tm
   _inject_nans(monkeypatch, {3, 4})
   c = smoke_config(data_dir, **_NAN_RUN, **{"checkpoint.every_steps": 2,
                                            "monitor.max_nonfinite_steps": 2})
-  with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite steps ending at step 4"):
+  with pytest.raises(health.NonFiniteError, match="2 consecutive non-finite steps ending at step 4"):
     loop.pretrain(c, str(tmp_path), print_fn=lambda line: None)
   # Step 4's guard fired before its save: the newest checkpoint is step 2, intact and finite.
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2]

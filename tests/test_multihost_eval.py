@@ -32,6 +32,7 @@ import math
 import signal
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -491,7 +492,7 @@ def device_work(monkeypatch, tmp_path):
   """Stand-ins for every command's library call and for jax.distributed.initialize: each
   records the initialize calls made before it ran."""
   events = []
-  monkeypatch.setattr(cli.jax.distributed, "initialize",
+  monkeypatch.setattr(jax.distributed, "initialize",
                       lambda **kwargs: events.append(("initialize", kwargs)))
 
   def stand_in(name, result):

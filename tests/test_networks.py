@@ -214,7 +214,8 @@ def test_variant_builds_and_runs_forward(encoder, v2, norm):
   assert has_bias == (norm == "none")  # Convs carry a bias only without a norm offset.
 
 
-@pytest.mark.parametrize("stem,stride,pools", [("imagenet", 2, 1), ("small", 1, 0)])
+@pytest.mark.parametrize("stem,stride,pools",
+                         [("imagenet", 2, 1), ("small", 1, 0), ("small_s2", 2, 0)])
 def test_stem_first_conv_and_max_pool(stem, stride, pools):
   net = networks.make_encoder_network(model_cfg(stem=stem))
   params, state = shapes_of(net, size=16)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fakes
+import tolerances
 from byol_jax.evaluation import baselines
 from byol_jax import cli
 from byol_jax import config as config_lib
@@ -89,10 +90,11 @@ def test_pixel_statistics_are_numpys_over_the_written_training_images(written):
   x = arrays["train"][0].reshape(N_TRAIN, -1).astype(np.float64) / 255.0
   stats = p.params[baselines.MODULE]
   assert stats["mean"].dtype == stats["std"].dtype == np.float32
-  np.testing.assert_allclose(stats["mean"], x.mean(axis=0), rtol=1e-6, atol=1e-7)
+  # Statistics in float64 (Chan's batch merge, ~1e-15 relative), then rounded to float32.
+  tolerances.assert_close(stats["mean"], x.mean(axis=0), tolerances.ulps(1, x.mean(axis=0)))
   std = x.std(axis=0)
   assert std[0] == 0 and stats["std"][0] == np.inf  # Constant pixel.
-  np.testing.assert_allclose(stats["std"][1:], std[1:], rtol=1e-6)
+  tolerances.assert_close(stats["std"][1:], std[1:], tolerances.ulps(1, std[1:]))
   assert (p.source, p.step, p.image_size, p.channels, p.state) == ("pixels", 0, SIZE, 1, {})
   assert (p.name, p.dim) == (f"raw pixels ({SIZE * SIZE} standardised values)", SIZE * SIZE)
   # Features, not an encoder: no Pretrained, no model section that could name 'pixels'.
@@ -112,11 +114,11 @@ def test_pixel_features_are_the_standardised_flattened_images(written):
   std = p.params["pixels"]["std"].astype(np.float64)
   want = (images.reshape(5, -1).astype(np.float64) - mean) / std
   assert got.dtype == jnp.float32 and got.shape == (5, SIZE * SIZE) and state == {}
-  # Float32 rounding of the difference and the quotient: a few ulps of |z| (rtol), plus the
-  # rounding of x and mean (~6e-8 each) over std (about 0.05 or more here: ~2.5e-6, atol);
   # The pixel constant over training (std inf) is 0 for any input, here uniform noise.
   assert np.all(np.asarray(got)[:, 0] == 0) and np.all(want[:, 0] == 0) and np.all(images[:, 0, 0] > 0)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # x, mean and std are float32 values both sides: only the difference and the quotient
+  # round (or a product by a rounded 1 / std): 3 half-ulps, 2 ulps of |z|.
+  tolerances.assert_close(got, want, tolerances.ulps(2, want))
 
 
 def test_an_encoder_gets_the_encoder_network_and_its_representation_size():

@@ -3,6 +3,7 @@ import numpy as np
 import tensorflow as tf
 
 import fakes
+import tolerances
 from byol_jax import config as config_lib
 from byol_jax.data import prepare
 from byol_jax.tools import preview
@@ -35,6 +36,7 @@ def test_preview_rows_show_the_crops_and_their_augmented_views(tmp_path):
   assert rows.shape == (3, 4, 28, 28, 1)
   assert rows.min() >= 0.0 and rows.max() <= 1.0
   crop2, view2 = rows[:, 2], rows[:, 3]
-  np.testing.assert_allclose(view2, np.where(crop2 < 0.5, crop2, 1.0 - crop2), atol=1e-6)
+  # The same float32 crop values (uint8 / 255), then 1 - x rounded once: one ulp of 1.
+  tolerances.assert_close(view2, np.where(crop2 < 0.5, crop2, 1.0 - crop2), tolerances.ulps(1))
   out = preview.write_preview(c, str(tmp_path / "out" / "views.png"), num_images=3)
   assert tf.io.decode_png(open(out, "rb").read()).shape[0] == 3 * (3 * 28 + 2) + 2  # x3 enlarged.

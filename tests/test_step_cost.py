@@ -10,6 +10,7 @@ import pytest
 
 import fakes
 from byol_jax import config as config_lib
+from byol_jax.jobs import health
 from byol_jax.jobs import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ def _guards(**kw):
   args = dict(max_nonfinite=3, collapse_threshold=0.05, collapse_patience=100,
               stop_on_collapse=True)
   args.update(kw)
-  return loop.Guards(**args)
+  return health.Guards(**args)
 
 
 COLLAPSED = dict(nonfinite=0.0, collapse_std=1e-5)
@@ -35,7 +36,7 @@ def test_collapse_patience_counts_steps_between_sparse_readings():
   assert g.collapsed_steps == 1
   g.check(100, COLLAPSED, 16)  # 50 more steps: 51 < patience 100.
   assert g.collapsed_steps == 51
-  with pytest.raises(loop.CollapseError, match="101 steps .*step 150"):
+  with pytest.raises(health.CollapseError, match="101 steps .*step 150"):
     g.check(150, COLLAPSED, 16)
 
 

@@ -20,10 +20,12 @@ import pytest
 
 import tolerances
 from byol_jax import cli
+from byol_jax.cli import command_line
 from byol_jax.training import augment
 from byol_jax import config as config_lib
 from byol_jax.training import optim
 from byol_jax.jobs import sweep
+from byol_jax.jobs import sweep_spec
 from byol_jax.store import run_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,6 +40,7 @@ INTENDED = {
     "predictor": ("model.use_predictor",),
     "predictor_lr": ("target.", "optim.predictor_lr_multiplier"),
     "normalisation": ("model.norm", "optim.predictor_lr_multiplier"),
+    "small_stem": ("model.stem", "optim.predictor_lr_multiplier"),
     "batch_size": ("batch_size",),
     "augmentations": ("augment.view1.", "augment.view2."),
     "small_images": ("batch_size", "target.tau_base", "augment.view1.blur_prob",
@@ -64,9 +67,9 @@ def test_every_experiment_file_has_intended_fields():
 @pytest.mark.parametrize("base", RECIPES)
 @pytest.mark.parametrize("experiment", sorted(INTENDED))
 def test_expansion_validates_and_changes_only_intended_fields(experiment, base):
-  base_config = sweep.load_recipe(base)
+  base_config = sweep_spec.load_recipe(base)
   before = flat(base_config)
-  runs = sweep.expand(sweep.load_sweep(EXPERIMENTS[experiment]), base_config)
+  runs = sweep_spec.expand(sweep_spec.load_sweep(EXPERIMENTS[experiment]), base_config)
   assert len({r.name for r in runs}) == len(runs) >= 2
   for run in runs:
     config_lib.validate(run.config)
@@ -79,7 +82,8 @@ def test_expansion_validates_and_changes_only_intended_fields(experiment, base):
 
 
 def runs_of(experiment, base=SMOKE):
-  runs = sweep.expand(sweep.load_sweep(EXPERIMENTS[experiment]), sweep.load_recipe(base))
+  runs = sweep_spec.expand(sweep_spec.load_sweep(EXPERIMENTS[experiment]),
+                           sweep_spec.load_recipe(base))
   return {r.name: r.config for r in runs}
 
 
@@ -136,7 +140,7 @@ def test_augmentation_runs_keep_only_their_ops():
 
 
 def test_augmentation_runs_keep_the_recipes_probabilities_of_kept_ops():
-  recipe = sweep.load_recipe(SMOKE)  # Fashion-MNIST: no blur in either view.
+  recipe = sweep_spec.load_recipe(SMOKE)  # Fashion-MNIST: no blur in either view.
   baseline = runs_of("augmentations")["baseline"]
   assert baseline.augment.to_dict() == recipe.augment.to_dict()
   assert baseline.augment.view1.blur_prob == 0.0
@@ -342,7 +346,7 @@ def test_collect_tabulates_finished_runs_lists_the_others_and_runs_nothing(tmp_p
   rows = read_rows(tmp_path)
   assert [(r["name"], r["status"]) for r in rows] == [
       ("t0", "done"), ("t1", "unfinished"), ("t2", "missing")]
-  assert float(rows[0]["linear_top1"]) == pytest.approx(0.625) and rows[0]["step"] == "3"
+  assert float(rows[0]["linear_top1"]) == 0.625 and rows[0]["step"] == "3"  # 0.5 + 0.5 / 4: exact.
   assert (rows[1]["step"], rows[1]["linear_top1"], rows[2]["step"]) == ("3", "", "")
   out = capsys.readouterr().out
   md = (tmp_path / "out" / "results.md").read_text()
@@ -369,7 +373,7 @@ def test_collect_reads_runs_finished_by_pretrain_and_linear_eval_commands(tmp_pa
   """A run directory without sweep_run.json: done when linear/results.json evaluated its
   config (sizes resolved from the data) at its last step, else unfinished, saying why."""
   args = cluster_args(tmp_path)
-  runs = sweep.expand(sweep.load_sweep(args[0]), sweep.load_recipe(SMOKE))
+  runs = sweep_spec.expand(sweep_spec.load_sweep(args[0]), sweep_spec.load_recipe(SMOKE))
   for run, step_short, tau in zip(runs, (0, 1, 0), (None, None, 0.1)):
     run_dir = tmp_path / "out" / run.name
     Fakes().pretrain(run.config, str(run_dir), None)  # Its metrics.jsonl.
@@ -435,7 +439,7 @@ def test_printed_commands_carry_the_multihost_flags_as_given(tmp_path, monkeypat
   assert sweep_cli(monkeypatch, Fakes(), *cluster_args(tmp_path), "--print-commands",
                    *dashed) == 0
   lines = capsys.readouterr().out.strip().splitlines()
-  multihost = tuple(f"--{name}" for name in cli._MULTIHOST)  # pylint: disable=protected-access
+  multihost = tuple(f"--{name}" for name in command_line.MULTIHOST)
   assert len(lines) == 3
   for line in lines:
     # Only the flags given, in the form the CLI reads: no default is spelt out.
@@ -443,8 +447,8 @@ def test_printed_commands_carry_the_multihost_flags_as_given(tmp_path, monkeypat
 
 
 def test_a_process_other_than_0_runs_its_share_and_writes_no_sweep_file(tmp_path, monkeypatch):
-  monkeypatch.setattr(sweep.jax.distributed, "is_initialized", lambda: True)
-  monkeypatch.setattr(sweep.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
   fakes = Fakes()
   assert run_main(tmp_path, fakes, write_sweep(tmp_path, TAUS[:1])) == 0
   assert fakes.calls == [("pretrain", "t0"), ("linear", "t0")]

@@ -70,7 +70,7 @@ def run_steps(num_devices, batches, start_step=0, all_metrics=False):
   return parallel.unreplicate(replicated), (history if all_metrics else history[-1])
 
 
-def _augment_in_float32(images, keys, view_cfg):
+def augment_in_float32(images, keys, view_cfg):
   """The default augmentation traced with x64 off inside the float64 program: the same
   random draws (x64 would draw float64 uniforms from other bits) and float32 views as the
   float32 runs; the network then computes in float64."""
@@ -83,7 +83,7 @@ def _augment_in_float32(images, keys, view_cfg):
 def setup_float64():
   """setup(1)'s update with float32 augmentation, for float64 runs (one compile, cached)."""
   _, deps, _, _ = setup(1)
-  return train.make_pmapped_update(deps._replace(augment_fn=_augment_in_float32),
+  return train.make_pmapped_update(deps._replace(augment_fn=augment_in_float32),
                                    devices=jax.local_devices()[:1])
 
 

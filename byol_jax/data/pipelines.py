@@ -2,9 +2,9 @@
 
 Each pipeline takes this process's slice of a split from sources.open_split (tfds data
 sets with 'image' and 'label'; split names and aliases are documented there), decodes
-and crops on the host (crops.py) and yields NumPy batches shaped [local_devices,
-per_device_batch, ...] with uint8 images (normalised on the device: 4x fewer bytes to
-send than float32).
+and crops on the host (decoding.py, crops.py) and yields NumPy batches shaped
+[local_devices, per_device_batch, ...] with uint8 images (normalised on the device: 4x
+fewer bytes to send than float32).
 Flips for pretraining, colour, blur and solarize happen on the device (augment.py).
 Fine-tuning reads a subset of a split chosen by example index, counted in tfds's stored
 order (example i is what `split[i:i+1]` gives); `split_labels` gives the labels to choose by.
@@ -22,114 +22,17 @@ whole.
 """
 import collections
 import os
-import re
 from typing import Any, Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from byol_jax.data import crops
+from byol_jax.data import decoding
 from byol_jax import parallel
 from byol_jax.data import sources
 
-_SKIPPED = "_skipped"
 _MAX_EPOCHS = 1 << 40
-
-
-# ------------------------------------------------------------------- per-example ops
-
-
-def crop_ranges(config):
-  """(area range, aspect range) of the random-resized crop, from config.augment."""
-  a = config.augment
-  return (a.crop_area_min, a.crop_area_max), (a.crop_aspect_min, a.crop_aspect_max)
-
-
-def _example_keys(config, process_index: int, ex, num: int):
-  """Stateless keys from (seed, process, epoch, position), or None in stateful mode."""
-  if "_epoch" not in ex:
-    return [None] * num
-  key = tf.constant([config.seed, process_index], tf.int64)
-  for value in (ex["_epoch"], ex["_pos"]):
-    key = tf.random.experimental.stateless_fold_in(key, value)
-  return tf.unstack(tf.random.experimental.stateless_split(key, num))
-
-
-def _make_transform(config, mode: str, process_index: int, channels: int):
-  """The per-example function of one pipeline mode: bytes -> uint8 crops + label."""
-  size = config.image_size
-  area, aspect = crop_ranges(config)
-  fraction = config.dataset.get("eval_crop_fraction", crops.DEFAULT_EVAL_CROP_FRACTION)
-
-  if mode not in ("pretrain", "linear", "eval"):
-    raise ValueError(f"mode {mode!r} is not one of 'pretrain', 'linear', 'eval'.")
-
-  def transform(ex):
-    label = tf.cast(ex["label"], tf.int32)
-    if mode == "eval":
-      image = crops.decode_and_crop(
-          ex["image"], lambda hw: crops.centre_crop_window(hw, fraction)[None], size,
-          channels)[0]
-      return dict(image=image, label=label, mask=tf.constant(1, tf.int32))
-    views = 2 if mode == "pretrain" else 1
-    keys = _example_keys(config, process_index, ex, views + 1)
-    def windows(hw):
-      return tf.stack([crops.random_crop_window(hw, area, aspect, keys[i], fraction)
-                       for i in range(views)])
-
-    cropped = crops.decode_and_crop(ex["image"], windows, size, channels)
-    if mode == "pretrain":
-      return dict(view1=cropped[0], view2=cropped[1], label=label)
-    if keys[-1] is None:
-      flip = tf.random.uniform([]) < 0.5
-    else:
-      flip = tf.random.stateless_uniform([], keys[-1]) < 0.5
-    image = tf.cond(flip, lambda: tf.reverse(cropped[0], [1]), lambda: cropped[0])
-    return dict(image=image, label=label)
-  return transform
-
-
-def _count_skips(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """After `ignore_errors`: adds _SKIPPED, the running count of dropped positions."""
-  def step(state, item):
-    last, skipped = state
-    position, ex = item
-    skipped += position - last - 1
-    return (position, skipped), {**ex, _SKIPPED: skipped}
-  return ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), step)
-
-
-LABEL_ERROR = "byol_jax: label outside [0, dataset.num_classes)"
-
-
-def _check_labels(ds: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
-  """Fails the iteration on a label outside [0, num_classes) (0: no bound known).
-
-  resolve_dataset checks the class count from the metadata; this catches data whose
-  labels disagree with it, or data sets that record none.
-  """
-  if not num_classes:
-    return ds
-
-  def check(ex):
-    label = ex["label"]
-    valid = tf.logical_and(label >= 0, label < num_classes)
-    with tf.control_dependencies([tf.debugging.Assert(valid, [LABEL_ERROR, label,
-                                                              num_classes])]):
-      return {**ex, "label": tf.identity(label)}
-  return ds.map(check)
-
-
-def _decode_stream(ds, transform, num_classes: int) -> tf.data.Dataset:
-  # Order-preserving map so that gaps in the enumeration are exactly the skipped images.
-  ds = ds.enumerate().map(lambda i, ex: (i, transform(ex)),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  # Labels are checked after ignore_errors, which would drop a bad one as a "corrupt image".
-  return _check_labels(_count_skips(ds.ignore_errors(log_warning=True)), num_classes)
-
-
-# ---------------------------------------------------------------------- iterators
 
 
 class InputIterator:
@@ -154,24 +57,15 @@ class InputIterator:
     try:
       batch = next(self._iterator)
     except tf.errors.InvalidArgumentError as e:
-      if LABEL_ERROR not in e.message:
+      if decoding.LABEL_ERROR not in e.message:
         raise
-      raise ValueError(_label_message(e.message)) from None
-    self.skipped_images = max(self.skipped_images, int(batch.pop(_SKIPPED)))
+      raise ValueError(decoding.label_message(e.message)) from None
+    self.skipped_images = max(self.skipped_images, int(batch.pop(decoding.SKIPPED)))
     return batch
 
   def close(self) -> None:
     """Releases the tf.data iterator (its threads and buffers); `next` then stops."""
     self._iterator.close()
-
-
-def _label_message(text: str) -> str:
-  """One line from tf.debugging.Assert's 'assertion failed: [msg] [label] [num_classes]'."""
-  values = re.findall(r"\[(-?\d+)\]", text.split(LABEL_ERROR)[-1])
-  label, bound = (values + ["?", "?"])[:2]
-  return (f"the data holds label {label}, outside [0, {bound}) (dataset.num_classes={bound}); "
-          f"set --config.dataset.num_classes to the data's class count (0: from its "
-          "metadata), or fix the labels.")
 
 
 def tf_data_options(config, deterministic: bool) -> tf.data.Options:
@@ -203,8 +97,8 @@ def _to_devices(ds, per_process: int, local_device_count: int):
   def reshape(batch):
     out = {k: tf.reshape(v, [local_device_count, per_process // local_device_count] +
                          v.shape[1:].as_list())
-           for k, v in batch.items() if k != _SKIPPED}
-    out[_SKIPPED] = tf.reduce_max(batch[_SKIPPED])
+           for k, v in batch.items() if k != decoding.SKIPPED}
+    out[decoding.SKIPPED] = tf.reduce_max(batch[decoding.SKIPPED])
     return out
   return ds.batch(per_process, drop_remainder=True).map(reshape).prefetch(tf.data.AUTOTUNE)
 
@@ -242,7 +136,8 @@ def _stream(config, mode, base, num_examples, small, channels, num_classes, proc
     # Shuffling after repeat never drains the buffer at epoch ends (no refill stall).
     seed = hash((config.seed, process_index, start_step)) % (2**31)
     ds = base.repeat().shuffle(buffer, seed=seed)
-  ds = _decode_stream(ds, _make_transform(config, mode, process_index, channels), num_classes)
+  transform = decoding.make_transform(config, mode, process_index, channels)
+  ds = decoding.decode_stream(ds, transform, num_classes)
   ds = _to_devices(ds, per_process, local_device_count)
   return InputIterator(ds.with_options(tf_data_options(config, deterministic)))
 
@@ -315,7 +210,7 @@ def split_labels(config, split: str | None = None) -> np.ndarray:
                           [np.zeros([0], np.int64)])
   outside = labels[(labels < 0) | (labels >= src.num_classes)] if src.num_classes else []
   if len(outside):
-    raise ValueError(_label_message(f"[{outside[0]}] [{src.num_classes}]"))
+    raise ValueError(decoding.label_message(f"[{outside[0]}] [{src.num_classes}]"))
   return labels
 
 
@@ -402,8 +297,8 @@ def eval_dataset(config, split: str | None = None, *, process_index: int = 0,
   src = sources.open_split(config, split or config.dataset.eval_split, process_index,
                            process_count, deterministic=True)
   num_batches = _ceil_div(_ceil_div(src.total_examples, process_count), per_process)
-  ds = _decode_stream(src.ds, _make_transform(config, "eval", process_index, src.channels),
-                      src.num_classes)
+  transform = decoding.make_transform(config, "eval", process_index, src.channels)
+  ds = decoding.decode_stream(src.ds, transform, src.num_classes)
   padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   ds = _to_devices(ds, per_process, local_device_count).take(num_batches)

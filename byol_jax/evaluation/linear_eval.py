@@ -14,6 +14,15 @@ extract them once. Results go to results.json (knn.json for kNN), written atomic
 The features come from a features.FeatureExtractor (`baselines.resolve_features`): the
 encoder's representation, or for the baseline `--pretrained=pixels` the standardised raw
 pixels, through the same code path.
+
+Several processes (the multi-host runtime started by the CLI): each process extracts the
+features of its own slice of a split and every process receives all of them, in data-set
+order (evaluate.extract_features), so in 'features' mode, and for kNN, each process
+computes what one process with the same total device count computes. In 'augmented' mode
+each step's gradient is averaged over every device of every process; the global batch is
+each process's next batch of its own shuffled slice (data/pipelines.py), so its order
+depends on the process count: the same protocol, other batches. Only process 0 writes
+results.json, knn.json, metrics.jsonl and the TensorBoard events.
 """
 import functools
 import os

@@ -7,7 +7,6 @@ never waits on the device except to log, evaluate or checkpoint.
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -26,69 +25,12 @@ from byol_jax import parallel
 from byol_jax.data import pipelines
 from byol_jax.data import sources
 from byol_jax.evaluation import evaluate
+from byol_jax.jobs import health
 from byol_jax.store import checkpoint
 from byol_jax.store import files
 from byol_jax.store import run_config
 from byol_jax.store import writers
 from byol_jax.training import train
-
-
-class NonFiniteError(RuntimeError):
-  """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-class CollapseError(RuntimeError):
-  """The collapse monitor stayed near zero and the config asks to stop."""
-
-
-@dataclasses.dataclass
-class Guards:
-  """Host-side health counters, updated from each step's metrics."""
-  max_nonfinite: int
-  collapse_threshold: float  # On collapse_std * sqrt(projector_out); ~1 when healthy.
-  collapse_patience: int
-  stop_on_collapse: bool
-  consecutive_nonfinite: int = 0
-  total_nonfinite: int = 0
-  collapsed_steps: int = 0
-  warned: bool = False
-  last_monitored: int | None = None  # The last step whose metrics held collapse_std.
-
-  def check(self, step: int, metrics: dict, dim: int) -> None:
-    """Raises NonFiniteError / CollapseError, or warns, from one step's metrics.
-
-    The collapse monitor is computed on logged steps only: metrics without
-    'collapse_std' count towards the non-finite guard alone. A collapsed reading counts
-    for every step since the previous reading, so the patience stays in steps.
-    """
-    if metrics["nonfinite"] > 0:
-      self.consecutive_nonfinite += 1
-      self.total_nonfinite += 1
-      logging.warning("step %d: non-finite loss or gradient; the update was skipped "
-                      "(%d in a row).", step, self.consecutive_nonfinite)
-      if self.consecutive_nonfinite >= self.max_nonfinite:
-        raise NonFiniteError(
-            f"{self.consecutive_nonfinite} consecutive non-finite steps ending at step {step}; "
-            "the last checkpoint holds the last finite state. Lower optim.base_lr or check "
-            "the input data, then rerun to resume.")
-      return
-    self.consecutive_nonfinite = 0
-    if "collapse_std" not in metrics:
-      return
-    since = step - self.last_monitored if self.last_monitored is not None else 1
-    self.last_monitored = step
-    if metrics["collapse_std"] * math.sqrt(dim) < self.collapse_threshold:
-      self.collapsed_steps += max(1, since)
-    else:
-      self.collapsed_steps, self.warned = 0, False
-    if self.collapsed_steps >= self.collapse_patience and not self.warned:
-      self.warned = True
-      message = (f"COLLAPSE: the projections have had almost no spread for "
-                 f"{self.collapsed_steps} steps (collapse_std={metrics['collapse_std']:.2e} at "
-                 f"step {step}; healthy is about {1 / math.sqrt(dim):.2e}).")
-      if self.stop_on_collapse:
-        raise CollapseError(message + " Stopping (monitor.stop_on_collapse=True).")
-      logging.error(message)
 
 
 class StopSignal:
@@ -259,11 +201,11 @@ def _closed_on_every_path(ckpt: checkpoint.Checkpointer):
   which every process raises at the same step) when there are several processes: closing
   would wait at a barrier for peers that are blocked in the step's collectives and never
   arrive. The process must exit instead, and the coordination service then stops the peers
-  (cli.py's --heartbeat_timeout bounds how long that takes).
+  (the CLI's --heartbeat_timeout bounds how long that takes).
   """
   try:
     yield ckpt
-  except (NonFiniteError, CollapseError):
+  except (health.NonFiniteError, health.CollapseError):
     ckpt.close()  # Every process raises these at the same step: metrics are global means.
     raise
   except BaseException:
@@ -295,7 +237,7 @@ class _Job:
   ckpt: checkpoint.Checkpointer
   writer: writers.MetricWriter
   batches: Any  # From _training_batches.
-  guards: Guards
+  guards: health.Guards
 
 
 def _job(c, deps: train.Deps, aug_key: jax.Array, ckpt: checkpoint.Checkpointer,
@@ -303,8 +245,8 @@ def _job(c, deps: train.Deps, aug_key: jax.Array, ckpt: checkpoint.Checkpointer,
   """The run's programs (compiled at their first call) and fresh guards, with its resources."""
   knn_fn = (evaluate.make_pmapped_features(deps.forward, "representation")
             if c.knn.every_steps else None)
-  guards = Guards(c.monitor.max_nonfinite_steps, c.monitor.collapse_threshold,
-                  c.monitor.collapse_patience, c.monitor.stop_on_collapse)
+  guards = health.Guards(c.monitor.max_nonfinite_steps, c.monitor.collapse_threshold,
+                         c.monitor.collapse_patience, c.monitor.stop_on_collapse)
   return _Job(c, config_lib.total_steps(c), train.make_pmapped_update(deps),
               evaluate.make_pmapped_probe_eval(deps.forward), knn_fn, aug_key, ckpt, writer,
               batches, guards)
@@ -392,7 +334,8 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str,
     The last logged metrics plus the final evaluation, and 'step' and 'preempted'.
 
   Raises:
-    NonFiniteError, CollapseError: see Guards. ValueError: bad config or workdir.
+    health.NonFiniteError, health.CollapseError: see health.Guards. ValueError: bad config or
+      workdir.
   """
   c = _checked_config(c, workdir)
   total = config_lib.total_steps(c)

@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from byol_jax.data import crops
+from byol_jax.data import decoding
 from byol_jax.data import pipelines
 from byol_jax.store import files
 from byol_jax.data import prepare
@@ -104,7 +105,7 @@ def _map_variant(config, fn, batch: int):
 def _variants(config):
   """name -> per-image function of the JPEG bytes, for the bare map variants."""
   size = config.image_size
-  area, aspect = pipelines.crop_ranges(config)
+  area, aspect = decoding.crop_ranges(config)
 
   def window(hw):
     return crops.random_crop_window(hw, area, aspect)[None]

@@ -2,7 +2,7 @@
 
 They run inside the pmapped train step on the crops the host made (data.py). Each example
 has its own PRNG key and the batch is vectorised with `jax.vmap`. The single-image ops are
-public pure functions, tested against tf.image. Semantics follow the paper (Table 6) and,
+pure functions of their own (image_ops.py). Semantics follow the paper (Table 6) and,
 where it is silent, the authors' release: colour jitter in a random order with a clip to
 [0, 1] after each op, grayscale drawn independently of the jitter, a separable Gaussian blur
 with zero padding, solarize, then a final clip.
@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byol_jax.training import image_ops
+
 # Colour-jitter op ids, indices of `JitterParams.position`.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
-# ITU-R 601 luma weights, as tf.image.rgb_to_grayscale.
-LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 Array = jnp.ndarray
 
@@ -75,127 +75,6 @@ def view_config(view_cfg: Mapping[str, Any] | ViewConfig) -> ViewConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Single-image ops. `image` is float [H, W, C] with C in {1, 3}; none of them clips.
-
-def flip_left_right(image: Array) -> Array:
-  """Mirrors an image [H, W, C] along its width."""
-  return image[:, ::-1, :]
-
-
-def adjust_brightness(image: Array, delta: Array | float) -> Array:
-  """Adds `delta` to every pixel, as tf.image.adjust_brightness on floats."""
-  return image + delta
-
-
-def adjust_contrast(image: Array, factor: Array | float) -> Array:
-  """Scales each channel's deviation from its spatial mean, as tf.image.adjust_contrast."""
-  mean = jnp.mean(image, axis=(0, 1), keepdims=True)
-  return (image - mean) * factor + mean
-
-
-def rgb_to_hsv(rgb: Array) -> Array:
-  """RGB [..., 3] in [0, 1] to HSV [..., 3]; hue is a fraction of the circle in [0, 1)."""
-  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-  value = jnp.maximum(jnp.maximum(r, g), b)
-  chroma = value - jnp.minimum(jnp.minimum(r, g), b)
-  saturation = jnp.where(value > 0, chroma / jnp.where(value > 0, value, 1.0), 0.0)
-  # The safe divisor keeps grey pixels (chroma 0) finite; their hue is defined as 0.
-  safe = jnp.where(chroma > 0, chroma, 1.0)
-  hue_sixths = jnp.where(value == r, (g - b) / safe,
-                         jnp.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-  hue = jnp.where(chroma > 0, hue_sixths / 6.0, 0.0)
-  hue = jnp.where(hue < 0, hue + 1.0, hue)
-  return jnp.stack([hue, saturation, value], axis=-1)
-
-
-def _wrap(x: Array, period: float) -> Array:
-  # x mod period via floor: jnp.mod lowers to fmod, a slow scalar libm call on CPU.
-  return x - period * jnp.floor(x / period)
-
-
-def hsv_to_rgb(hsv: Array) -> Array:
-  """HSV [..., 3] (hue a fraction of the circle, any real) to RGB [..., 3]."""
-  hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-  hue6 = _wrap(hue, 1.0) * 6.0
-
-  def channel(offset):
-    # Piecewise-linear ramp of the hue wheel; offsets 5, 3, 1 give R, G, B.
-    k = offset + hue6
-    k = jnp.where(k >= 6.0, k - 6.0, k)  # k in [1, 11): one wrap suffices.
-    return value - value * saturation * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
-
-  return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], axis=-1)
-
-
-def _adjust_hsv(image: Array, saturation_factor, hue_delta) -> Array:
-  if image.shape[-1] == 1:  # Gray has no hue, and saturation 0 stays 0.
-    return image
-  hsv = rgb_to_hsv(image)
-  hue = _wrap(hsv[..., 0] + hue_delta, 1.0)
-  saturation = jnp.clip(hsv[..., 1] * saturation_factor, 0.0, 1.0)
-  return hsv_to_rgb(jnp.stack([hue, saturation, hsv[..., 2]], axis=-1))
-
-
-def adjust_saturation(image: Array, factor: Array | float) -> Array:
-  """Scales HSV saturation by `factor` (clipped to [0, 1]); identity for 1 channel."""
-  return _adjust_hsv(image, factor, 0.0)
-
-
-def adjust_hue(image: Array, delta: Array | float) -> Array:
-  """Rotates hue by `delta` (a fraction of the circle); identity for 1 channel."""
-  return _adjust_hsv(image, 1.0, delta)
-
-
-def to_grayscale(image: Array) -> Array:
-  """ITU-R 601 luma repeated to 3 channels, [H, W, 3]; identity for 1 channel."""
-  if image.shape[-1] == 1:
-    return image
-  gray = jnp.tensordot(image, jnp.asarray(LUMA_WEIGHTS, image.dtype), axes=((-1,), (0,)))
-  return jnp.repeat(gray[..., None], 3, axis=-1)
-
-
-def solarize(image: Array, threshold: float) -> Array:
-  """Inverts pixels at or above `threshold`: x if x < threshold else 1 - x."""
-  return jnp.where(image < threshold, image, 1.0 - image)
-
-
-def blur_kernel_size(side: int, fraction: float) -> int:
-  """Odd blur kernel side about `fraction` of `side`: 2 * int(side * fraction / 2) + 1."""
-  return 2 * int(side * fraction / 2) + 1
-
-
-def gaussian_blur(image: Array, sigma: Array | float, kernel_size: int) -> Array:
-  """Separable Gaussian blur of [H, W, C], zero padding ('SAME'), odd `kernel_size`.
-
-  Each 1-D depthwise convolution is written as a weighted sum of shifted copies: under
-  vmap every image has its own sigma, and XLA turns a per-example-kernel conv into a
-  grouped conv that ran ~25x slower on CPU (64 px) than this fused sum.
-  """
-  if kernel_size < 1 or kernel_size % 2 != 1:
-    raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}.")
-  radius = kernel_size // 2
-  taps = jnp.arange(-radius, radius + 1, dtype=image.dtype)
-  weights = jnp.exp(-taps**2 / (2.0 * jnp.square(sigma)))
-  weights = weights / jnp.sum(weights)
-
-  def blur_axis(x, axis):
-    padding = [(0, 0)] * x.ndim
-    padding[axis] = (radius, radius)
-    padded = jnp.pad(x, padding)
-    size = x.shape[axis]
-
-    def shifted(offset):
-      return jax.lax.slice_in_dim(padded, radius + offset, radius + offset + size, axis=axis)
-
-    out = weights[radius] * x
-    for offset in range(1, radius + 1):  # The kernel is symmetric: pair the taps.
-      out = out + weights[radius + offset] * (shifted(offset) + shifted(-offset))
-    return out
-
-  return blur_axis(blur_axis(image, 1), 0)
-
-
-# ---------------------------------------------------------------------------------------
 # Colour jitter in a random order.
 
 class JitterParams(NamedTuple):
@@ -239,10 +118,10 @@ def sample_jitter_params(key: Array, brightness: float, contrast: float, saturat
 def _rgb_slot(x: Array, params: JitterParams, chosen: Mapping[int, Array]) -> Array:
   out = x
   if BRIGHTNESS in chosen:
-    bright = jnp.clip(adjust_brightness(x, params.brightness_delta), 0.0, 1.0)
+    bright = jnp.clip(image_ops.adjust_brightness(x, params.brightness_delta), 0.0, 1.0)
     out = jnp.where(chosen[BRIGHTNESS], bright, out)
   if CONTRAST in chosen:
-    contrasted = jnp.clip(adjust_contrast(x, params.contrast_factor), 0.0, 1.0)
+    contrasted = jnp.clip(image_ops.adjust_contrast(x, params.contrast_factor), 0.0, 1.0)
     out = jnp.where(chosen[CONTRAST], contrasted, out)
   return out
 
@@ -251,13 +130,13 @@ def _hsv_slot(x: Array, params: JitterParams, chosen: Mapping[int, Array]) -> Ar
   if len(chosen) == 1:  # The only HSV op runs here: no choice to make.
     op, = chosen
     if op == SATURATION:
-      return jnp.clip(adjust_saturation(x, params.saturation_factor), 0.0, 1.0)
-    return jnp.clip(adjust_hue(x, params.hue_delta), 0.0, 1.0)
+      return jnp.clip(image_ops.adjust_saturation(x, params.saturation_factor), 0.0, 1.0)
+    return jnp.clip(image_ops.adjust_hue(x, params.hue_delta), 0.0, 1.0)
   # One round trip serves either op: the other one's parameter is its identity value.
   is_sat = chosen[SATURATION]
   factor = jnp.where(is_sat, params.saturation_factor, 1.0)
   delta = jnp.where(is_sat, 0.0, params.hue_delta)
-  return jnp.clip(_adjust_hsv(x, factor, delta), 0.0, 1.0)
+  return jnp.clip(image_ops.adjust_hsv(x, factor, delta), 0.0, 1.0)
 
 
 def apply_color_jitter(image: Array, params: JitterParams,
@@ -379,17 +258,17 @@ def apply_view(image: Array, draws: ViewDraws, view: ViewConfig) -> Array:
     float32 [H, W, C] in [0, 1].
   """
   ops = _enabled(view.brightness, view.contrast, view.saturation, view.hue)
-  x = _maybe(view.flip_prob, draws.flip, flip_left_right, image)
+  x = _maybe(view.flip_prob, draws.flip, image_ops.flip_left_right, image)
   if ops:
     x = _maybe(view.color_jitter_prob, draws.color_jitter,
                lambda y: apply_color_jitter(y, draws.jitter, ops), x)
-  x = _maybe(view.grayscale_prob, draws.grayscale, to_grayscale, x)
-  kernel_size = blur_kernel_size(image.shape[0], view.blur_kernel_fraction)
+  x = _maybe(view.grayscale_prob, draws.grayscale, image_ops.to_grayscale, x)
+  kernel_size = image_ops.blur_kernel_size(image.shape[0], view.blur_kernel_fraction)
   if kernel_size > 1:  # A 1-tap kernel is the identity.
     x = _maybe(view.blur_prob, draws.blur,
-               lambda y: gaussian_blur(y, draws.blur_sigma, kernel_size), x)
+               lambda y: image_ops.gaussian_blur(y, draws.blur_sigma, kernel_size), x)
   x = _maybe(view.solarize_prob, draws.solarize,
-             lambda y: solarize(y, view.solarize_threshold), x)
+             lambda y: image_ops.solarize(y, view.solarize_threshold), x)
   return jnp.clip(x, 0.0, 1.0)
 
 
