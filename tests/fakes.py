@@ -1,9 +1,13 @@
 """Small real data the tests write themselves (no network, no mocks)."""
 import gzip
+import importlib.util
 import pathlib
+import socket
 import struct
 
 import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def write_idx(path, array, compress):
@@ -54,3 +58,45 @@ def set_fields(c, overrides):
       node = node[part]
     node[leaf] = value
   return c
+
+
+def _load(path):
+  """Loads a Python file as a module, under its file stem, with no sys.path change."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def recipe_module(name: str):
+  """The module configs/<name>.py (e.g. 'byol_fashion_mnist')."""
+  return _load(ROOT / "configs" / f"{name}.py")
+
+
+def recipe(name: str, arg: str | None = None):
+  """configs/<name>.py's get_config(arg)."""
+  return recipe_module(name).get_config(arg)
+
+
+def script(name: str):
+  """The module scripts/<name>.py (e.g. 'learning_curve')."""
+  return _load(ROOT / "scripts" / f"{name}.py")
+
+
+def smoke_config(data_dir, **overrides):
+  """The Fashion-MNIST smoke recipe on the fake data set (fashion_mnist_tfds: 64 training
+  examples), dotted-field overrides applied, validated."""
+  from byol_jax import config as config_lib
+  c = recipe("byol_fashion_mnist", "smoke")
+  c.unlock()
+  c.dataset.data_dir = data_dir
+  c.dataset.num_train_examples = 64
+  return config_lib.validate(set_fields(c, overrides))
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 free at the time of asking."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

@@ -8,21 +8,16 @@ timed out". Callers wait with `wait_all` (bounded) and call `kill_all` in a `fin
 """
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
+
+from fakes import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES_PER_PROCESS = 2
 CHILD_XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
                    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def child_env() -> dict:

@@ -6,12 +6,12 @@ One UpdateMemory (the smoke recipe at 16 px, 4 fake devices) is shared by all te
 each per-device batch size is compiled once.
 """
 import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+import fakes
 from byol_jax.tools import bench
 from byol_jax.tools import bench_memory
 from byol_jax import parallel
@@ -24,9 +24,7 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def analyse():
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
-  c = byol_fashion_mnist.get_config("smoke")
+  c = fakes.recipe("byol_fashion_mnist", "smoke")
   c.unlock()
   c.image_size = SIZE
   return bench_memory.UpdateMemory(c, CHANNELS)

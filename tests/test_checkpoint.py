@@ -10,7 +10,6 @@ Multi-process tests start local subprocesses that run this file as a script (`_c
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+import fakes
 from byol_jax.store import checkpoint
 from byol_jax import config as config_lib
 from byol_jax.store import integrity
@@ -363,18 +363,12 @@ def _run_children(args_list, devices, timeout=240):
     assert proc.returncode == 0, f"child {args} exited {proc.returncode}:\n{out[-3000:]}"
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_checkpoints_move_between_1x4_2x2_and_1x1_topologies(tmp_path):
   """1 process x 4 devices -> 2 x 2 -> 1 x 4 and 1 x 1, and 1 x 1 -> 1 x 1: values identical."""
   from_1x4, from_2x2 = tmp_path / "from_1x4", tmp_path / "from_2x2"
   with make_checkpointer(from_1x4) as ckpt:
     assert ckpt.save(5, replicated(host_state(5, 5)))
-  port = _free_port()
+  port = fakes.free_port()
   _run_children([("two_processes", i, port, from_1x4, from_2x2) for i in range(2)], devices=2)
   step, state = restore(from_2x2)
   assert step == 10

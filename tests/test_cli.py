@@ -124,11 +124,9 @@ def test_help_through_the_entry_points_exits_0(argv, console_script, first_line)
 
 def test_refused_resume_shows_the_field_both_values_and_the_fix(tmp_path):
   data_dir = fakes.fashion_mnist_tfds(tmp_path / "data")
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
   # The workdir of an earlier run at width 1/4 (its config.json as the run wrote it, with
   # the data's 10 classes); the smoke recipe now asks for width 1/8.
-  saved = byol_fashion_mnist.get_config("smoke")
+  saved = fakes.recipe("byol_fashion_mnist", "smoke")
   saved.unlock()
   fakes.set_fields(saved, {"model.width": 0.25, "dataset.num_classes": 10})
   workdir = tmp_path / "run"

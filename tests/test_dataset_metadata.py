@@ -2,7 +2,6 @@
 start-up, before any step or file, with one line naming the field and the fix. On a small
 image folder (3 classes, 20 JPEG/PNG images, prepared by byol_jax.data.prepare) and on the
 offline Fashion-MNIST-format data (64 train, 12 test, 10 classes)."""
-import importlib
 import os
 import pathlib
 import subprocess
@@ -14,6 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import fakes
+from fakes import recipe
 from byol_jax import config as config_lib
 from byol_jax.data import pipelines
 from byol_jax.evaluation import finetune
@@ -26,15 +26,6 @@ from byol_jax.data import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDER, FOLDER_SIZES = "byol_test_three", (7, 7, 6)  # 20 images in 3 classes.
-
-
-def recipe_module(name):
-  sys.path.insert(0, str(ROOT / "configs"))
-  return importlib.import_module(name)
-
-
-def recipe(name, arg=None):
-  return recipe_module(name).get_config(arg)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +101,7 @@ def test_resolved_numbers_resume_a_run_saved_with_them(fmnist):
 
 
 def test_imagenet_recipe_numbers_are_what_tfds_knows_of_imagenet2012(tmp_path):
-  module = recipe_module("byol_imagenet")
+  module = fakes.recipe_module("byol_imagenet")
   c = module.get_config()
   assert c.dataset.num_classes == module.NUM_CLASSES == 1000
   assert c.dataset.num_train_examples == 0  # From the data: the schedules follow it.

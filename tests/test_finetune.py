@@ -5,7 +5,6 @@ import functools
 import json
 import math
 import pathlib
-import sys
 
 import chex
 import jax
@@ -42,9 +41,7 @@ def fmnist(tmp_path_factory):
 
 def recipe(data_dir, **overrides):
   """configs/byol_fashion_mnist.py:smoke on the test data, at 8 px, fine-tuning 2 steps."""
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
-  c = byol_fashion_mnist.get_config("smoke")
+  c = fakes.recipe("byol_fashion_mnist", "smoke")
   c.unlock()
   c.image_size = SIZE
   c.dataset.update(dict(data_dir=data_dir, num_train_examples=N_TRAIN))

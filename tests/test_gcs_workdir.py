@@ -29,7 +29,6 @@ import fakes
 from fake_gcs import gcs  # noqa: F401  (the emulator fixture)
 from fake_gcs import user_env
 from byol_jax.store import checkpoint_reader
-from byol_jax import config as config_lib
 from byol_jax.weights import export
 from byol_jax.weights import export_formats
 from byol_jax.store import integrity
@@ -45,11 +44,6 @@ RECIPE = str(ROOT / "configs" / "byol_fashion_mnist.py")
 # step k + EVERY starts: the run must go on long enough after that to be killed mid-way.
 STEPS, EVERY = 40, 4
 METRICS_PARTS = "run/metrics.jsonl.d/"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))
 
 
 def _cli(args):
@@ -86,21 +80,12 @@ def _no_scheme_folder_on_disk(*roots):
 
 
 def _restored(workdir, data_dir):
-  c = config_lib.validate(_smoke(data_dir))
+  c = fakes.smoke_config(data_dir, **{"dataset.deterministic": True, "num_steps": STEPS,
+                                       "checkpoint.every_steps": EVERY})
   deps = train.make_deps(c)
   template = jax.eval_shape(lambda key: train.init_state(c, deps, key, 1), jax.random.PRNGKey(0))
   step = checkpoint_reader.intact_step(workdir)
   return step, checkpoint_reader.restore_step(workdir, step, template)
-
-
-def _smoke(data_dir):
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
-  c = byol_fashion_mnist.get_config("smoke")
-  c.unlock()
-  return fakes.set_fields(c, {"dataset.data_dir": data_dir, "dataset.num_train_examples": 64,
-                              "dataset.deterministic": True, "num_steps": STEPS,
-                              "checkpoint.every_steps": EVERY})
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,16 @@
 or the metrics parts of a gs:// run on fake-gcs-server), and its PNG."""
 import json
 import pathlib
-import sys
 
 import pytest
 
+import fakes
 from fake_gcs import gcs  # noqa: F401  (the emulator fixture)
 from byol_jax.store import files
 from byol_jax.store import writers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import learning_curve  # noqa: E402
+learning_curve = fakes.script("learning_curve")
 
 
 def write_run(tmp_path, records, batch_size=128):

@@ -5,7 +5,6 @@ errors for an encoder that does not fit the data."""
 import json
 import math
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 8  # The 28-px fakes are resized to 8 px: the smallest compile.
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))
-
-
 def recipe(data_dir, **linear):
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
-  c = byol_fashion_mnist.get_config("smoke")
+  c = fakes.recipe("byol_fashion_mnist", "smoke")
   c.unlock()
   c.image_size = IMAGE_SIZE
   c.dataset.update(dict(data_dir=data_dir, num_train_examples=64, validation_examples=16))

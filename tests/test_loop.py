@@ -14,8 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-import fakes
-from byol_jax import config as config_lib
+from fakes import smoke_config
 from byol_jax import parallel
 from byol_jax.data import pipelines
 from byol_jax.jobs import health
@@ -27,21 +26,6 @@ from byol_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "configs" / "byol_fashion_mnist.py")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))
-
-
-def smoke_config(data_dir, **overrides):
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
-  c = byol_fashion_mnist.get_config("smoke")
-  c.unlock()
-  c.dataset.data_dir = data_dir
-  c.dataset.num_train_examples = 64
-  return config_lib.validate(fakes.set_fields(c, overrides))
 
 
 def read_metrics(workdir):

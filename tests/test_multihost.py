@@ -22,7 +22,6 @@ import jax
 import numpy as np
 import pytest
 
-import fakes
 import tolerances
 from multihost import kill_all as _kill_all
 from multihost import launch
@@ -35,13 +34,9 @@ from byol_jax.store import run_config
 from byol_jax.training import train
 
 # test_loop's helpers: the smoke config on the data set the tests write, restoring.
-from test_loop import RECIPE, restore_final, smoke_config
+from fakes import smoke_config
+from test_loop import RECIPE, restore_final
 from test_train import augment_in_float32
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))
 
 
 def _launch(data_dir, workdir, steps, per_process_args=((), ()), every=2, heartbeat=10):

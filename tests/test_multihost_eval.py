@@ -36,7 +36,6 @@ import jax
 import numpy as np
 import pytest
 
-import fakes
 from multihost import kill_all, launch, wait_all
 from tolerances import EPS32
 from byol_jax import cli
@@ -44,7 +43,8 @@ from byol_jax.evaluation import evaluate
 from byol_jax.evaluation import finetune
 from byol_jax.evaluation import linear_eval
 from byol_jax.jobs import loop
-from test_loop import RECIPE, smoke_config
+from fakes import smoke_config
+from test_loop import RECIPE
 
 # The evaluation recipe of every test here: the smoke recipe at 8 px on the 64 + 12 fake
 # images, 16 of them held out for validation, batch 16 (4 per device), 2 epochs, one
@@ -54,11 +54,6 @@ OVERRIDES = {"image_size": 8, "dataset.validation_examples": 16,
              "linear.num_epochs": 2.0, "linear.learning_rates": (0.4,),
              "linear.standardize": False, "linear.every_epochs": 1.0}
 NUM_CLASSES = 10
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return fakes.fashion_mnist_tfds(tmp_path_factory.mktemp("fmnist"))
 
 
 def _flag(key, value):

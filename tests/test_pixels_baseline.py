@@ -3,7 +3,6 @@ the images written to disk, the linear protocol and kNN run on it end to end (kN
 an independent NumPy kNN), and fine-tuning refusing it (also as a command: exit status 2)."""
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +58,7 @@ def written(tmp_path_factory):
 
 
 def recipe(data_dir, **linear):
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
-  c = byol_fashion_mnist.get_config("smoke")
+  c = fakes.recipe("byol_fashion_mnist", "smoke")
   c.unlock()
   c.image_size = SIZE
   c.dataset.update(dict(data_dir=data_dir, num_train_examples=N_TRAIN, validation_examples=16,

@@ -9,13 +9,11 @@ config.json and manifest are as that code wrote them.
 import json
 import pathlib
 import shutil
-import sys
 
 import jax
 import numpy as np
 
 import fakes
-from byol_jax import config as config_lib
 from byol_jax.jobs import loop
 from byol_jax.weights import pretrained
 
@@ -24,14 +22,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "workdir_pre_move"
 
 
 def _smoke_config(data_dir, num_steps):
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
-  c = byol_fashion_mnist.get_config("smoke")
-  c.unlock()
-  c.dataset.data_dir = data_dir
-  c.dataset.num_train_examples = 64
-  c.num_steps, c.checkpoint.every_steps = num_steps, 2
-  return config_lib.validate(c)
+  return fakes.smoke_config(data_dir, num_steps=num_steps, **{"checkpoint.every_steps": 2})
 
 
 def _steps(workdir):

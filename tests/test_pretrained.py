@@ -13,7 +13,6 @@ import logging
 import os
 import pathlib
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -34,9 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def tiny_config(**model):
   """The Fashion-MNIST smoke recipe (ResNet-18, width 1/8, small stem, 28 px)."""
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
-  c = byol_fashion_mnist.get_config("smoke")
+  c = fakes.recipe("byol_fashion_mnist", "smoke")
   c.unlock()
   c.model.update(model)
   return c

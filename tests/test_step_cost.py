@@ -2,7 +2,6 @@
 guard from sparse readings) and the profiler switch. The collectives of the compiled
 update are pinned in test_train.py, next to the tiny config they are counted on."""
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +90,7 @@ def test_profiler_is_off_by_default(tmp_path):
 @pytest.mark.slow  # A whole pretrain (~1 min on 2 busy cores); the Profiler tests above are fast.
 def test_profile_steps_write_a_trace_into_the_workdir(tmp_path):
   data_dir = fakes.fashion_mnist_tfds(tmp_path / "fmnist")
-  sys.path.insert(0, str(ROOT / "configs"))
-  import byol_fashion_mnist
-  c = byol_fashion_mnist.get_config("smoke")
+  c = fakes.recipe("byol_fashion_mnist", "smoke")
   c.unlock()
   # test_loop's 2-step run but for the profile (which changes no compiled program), so
   # the programs come from the compilation cache. The trace stops inside the run.
