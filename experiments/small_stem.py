@@ -10,7 +10,7 @@ before the first block, so the last stage of ResNet-18 works on 1x1 maps. Runs h
   with the predictor's learning rate x10.
 Measured on `configs/byol_fashion_mnist.py:ablation` (width 1/4) with
 `--config.num_epochs=0.5` (234 steps of batch 128), seed 0; figures, images/s and
-commands in experiments/SESSION_RESULTS.md. The stride-1 'small' stem (28 px into the first
+commands in experiments/README.md ("Recipe search for 28-px images"). The stride-1 'small' stem (28 px into the first
 block, ~16x the ImageNet stem's cost) is left out: too slow for a 15-minute CPU recipe.
 """
 
