@@ -8,6 +8,7 @@ timed out". Callers wait with `wait_all` (bounded) and call `kill_all` in a `fin
 """
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import time
 from fakes import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "configs" / "byol_fashion_mnist.py")  # Children run its :smoke config.
 DEVICES_PER_PROCESS = 2
 CHILD_XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
                    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
@@ -73,3 +75,24 @@ def kill_all(procs) -> None:
     if proc.poll() is None:
       proc.kill()
       proc.communicate()
+
+
+def kill_peer_once_started(procs, started, start_timeout: float, exit_timeout: float = 90):
+  """Waits until `started()` is true (every process still running, at most start_timeout
+  seconds), SIGKILLs process 1 and waits up to exit_timeout seconds for process 0.
+
+  Returns (process 0's return code or None, its output or None, seconds from the kill to
+  its exit). Every process is killed before returning.
+  """
+  try:
+    deadline = time.monotonic() + start_timeout
+    while time.monotonic() < deadline and not started():
+      assert all(p.poll() is None for p in procs), "a process ended before its work began"
+      time.sleep(0.2)
+    assert started(), f"the work did not begin within {start_timeout} s"
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    codes, outputs = wait_all(procs[:1], timeout=exit_timeout)
+    return codes[0], outputs[0], time.monotonic() - killed_at
+  finally:
+    kill_all(procs)

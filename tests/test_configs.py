@@ -1,7 +1,6 @@
 """Recipes in configs/: every recipe and preset loads locked and validates, and carries the
 numbers of BYOL_REFERENCE.md (tables below, written from it); encoder parameter counts
 from jax.eval_shape match the published sizes."""
-import importlib.util
 import pathlib
 
 import jax
@@ -9,18 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fakes
 from byol_jax import config as config_lib
 from byol_jax.model import networks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("byol_*.py"))
-
-
-def recipe(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # BYOL_REFERENCE.md, "Presets by pretraining length": epochs -> base_lr, wd, tau_base.
@@ -45,7 +38,7 @@ def test_every_recipe_file_is_covered():
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n in ARGS for a in ARGS[n]])
 def test_recipe_loads_locked_and_valid(name, arg):
-  c = recipe(name).get_config(arg or None)
+  c = fakes.recipe(name, arg or None)
   config_lib.validate(c)
   assert c.is_locked
   with pytest.raises(AttributeError):
@@ -61,13 +54,13 @@ def test_recipe_loads_locked_and_valid(name, arg):
 @pytest.mark.parametrize("name", list(ARGS))
 def test_unknown_arg_is_rejected_with_the_valid_ones(name):
   with pytest.raises(ValueError, match="smoke"):
-    recipe(name).get_config("no-such-preset")
+    fakes.recipe(name, "no-such-preset")
 
 
 @pytest.mark.parametrize("epochs", list(PAPER_PRESETS))
 @pytest.mark.parametrize("encoder", list(PAPER_ENCODERS))
 def test_imagenet_presets_match_the_paper(encoder, epochs):
-  c = recipe("byol_imagenet").get_config(f"{encoder}-{epochs}")
+  c = fakes.recipe("byol_imagenet", f"{encoder}-{epochs}")
   base_lr, weight_decay, tau_base = PAPER_PRESETS[epochs]
   assert (c.optim.base_lr, c.optim.weight_decay, c.target.tau_base) == (
       base_lr, weight_decay, tau_base)
@@ -86,13 +79,13 @@ def test_imagenet_presets_match_the_paper(encoder, epochs):
 
 
 def test_imagenet_default_is_the_300_epoch_resnet50():
-  default = recipe("byol_imagenet").get_config()
-  explicit = recipe("byol_imagenet").get_config("r50-300")
+  default = fakes.recipe("byol_imagenet")
+  explicit = fakes.recipe("byol_imagenet", "r50-300")
   assert config_lib.config_hash(default) == config_lib.config_hash(explicit)
 
 
 def test_imagenette_is_the_authors_small_setting():
-  c = recipe("byol_imagenette").get_config()
+  c = fakes.recipe("byol_imagenette")
   assert (c.model.encoder, c.model.width, c.image_size, c.batch_size) == (
       "resnet18", 1.0, 128, 256)
   assert (c.optim.base_lr, c.optim.weight_decay, c.num_epochs) == (2.0, 1e-6, 1000)
@@ -104,7 +97,7 @@ def test_imagenette_is_the_authors_small_setting():
 
 def test_cifar10_recipe_uses_the_small_stem_at_32px():
   for arg in ("", "cpu"):
-    c = recipe("byol_cifar10").get_config(arg)
+    c = fakes.recipe("byol_cifar10", arg)
     assert (c.model.encoder, c.model.stem, c.image_size) == ("resnet18", "small", 32)
     assert (c.dataset.name, c.dataset.eval_split, c.dataset.num_train_examples) == (
         "cifar10", "test", 0)
@@ -132,5 +125,5 @@ def encoder_parameters(c) -> int:
     ("byol_imagenette", "", 11_689_512 - 513_000, 0),
 ])
 def test_recipe_encoder_parameter_count(name, arg, expected, rtol):
-  n = encoder_parameters(recipe(name).get_config(arg))
+  n = encoder_parameters(fakes.recipe(name, arg))
   assert n == pytest.approx(expected, rel=rtol, abs=0)

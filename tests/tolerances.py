@@ -14,7 +14,10 @@ A tolerance here is never "what one CPU gave": it is either
   small factor (`assert_no_less_accurate`).
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from byol_jax.training import augment
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: one float32 ulp at 1.0 (u = EPS32 / 2).
 BF16_U = 2.0**-8  # Unit roundoff of bfloat16 (8 significant bits).
@@ -24,7 +27,7 @@ BF16_U = 2.0**-8  # Unit roundoff of bfloat16 (8 significant bits).
 # or reordered has the same (n - 1) u sum|x_i| bound); their actual errors are independent
 # draws of rounding noise, and the ratio of the maxima of two such draws over a leaf of a few
 # values is heavy-tailed: measured up to 4.4 (median 1) over 8 batch pairs x 482 leaves of
-# the BYOL update on 4 vs 1 devices (tests/test_train.py). 8 leaves a factor ~2 over that;
+# the BYOL update on 4 vs 1 devices (tests/training/test_train.py). 8 leaves a factor ~2 over that;
 # the bugs these comparisons exist for (a missing pmean, per-device statistics, a wrong
 # formula) give ratios over 1e3.
 NOISE_FACTOR = 8
@@ -138,3 +141,12 @@ def assert_no_less_accurate(variant, baseline, reference, factor=NOISE_FACTOR,
         f"{err_b:.3g}, floor {floor:.3g}) = {limit:.3g}")
 
   jax.tree_util.tree_map_with_path(check, variant, baseline, reference)
+
+
+def augment_in_float32(images, keys, view_cfg):
+  """The default augmentation traced with x64 off inside the float64 program: the same
+  random draws (x64 would draw float64 uniforms from other bits) and float32 views as the
+  float32 runs; the network then computes in float64."""
+  with jax.enable_x64(False):
+    views = augment.augment_view(images, keys, view_cfg)
+  return views.astype(jnp.float64)

@@ -270,7 +270,7 @@ def parse(argv: list[str]) -> CommandLine:
   """Parses and checks `argv` (program name first) without running anything.
 
   Every command line passes here before its command starts (`run`), and
-  tests/test_doc_commands.py passes every command of the docs through it. Checked: the
+  tests/cli/test_doc_commands.py passes every command of the docs through it. Checked: the
   command exists; each byol-jax flag given is one of its flags (COMMAND_FLAGS); the first
   positional argument of the SUBCOMMANDS; the recipe (--config=FILE[:ARG], or sweep's
   --base with its sweep file) loads and validates with every --config.key=value applied,

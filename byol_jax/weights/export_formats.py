@@ -13,7 +13,7 @@ A file is recognised by its content (`safetensors_header`), never by its name: a
 written to 'enc' loads exactly as one written to 'enc.safetensors'.
 
 Padding: a network trained with model.padding='symmetric' matches torchvision exactly
-(within 1e-4, tests/test_export.py). Haiku's 'SAME' (the default and the authors' release)
+(within 1e-4, tests/weights/test_export.py). Haiku's 'SAME' (the default and the authors' release)
 pads stride-2 convolutions and the stem max-pool asymmetrically, which torch cannot
 express; its weights load but the representations deviate (figures measured with random
 weights and images in EXPORT_SAME_PADDING_NOTE, also written into the file's metadata).
