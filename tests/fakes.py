@@ -7,6 +7,9 @@ import struct
 
 import numpy as np
 
+from byol_jax import config as config_lib
+from byol_jax.data import prepare
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +45,6 @@ def write_fashion_mnist(folder, n_train=12, n_test=5, seed=0):
 def fashion_mnist_tfds(root, n_train=64, n_test=12) -> str:
   """Writes fake Fashion-MNIST idx files under root/idx and builds them as a tfds data set
   under root/tfds (with byol_jax's own `prepare_fashion_mnist`); returns that data_dir."""
-  from byol_jax.data import prepare
   root = pathlib.Path(root)
   write_fashion_mnist(root / "idx", n_train=n_train, n_test=n_test)
   prepare.prepare_fashion_mnist(str(root / "idx"), str(root / "tfds"))
@@ -87,7 +89,6 @@ def script(name: str):
 def smoke_config(data_dir, **overrides):
   """The Fashion-MNIST smoke recipe on the fake data set (fashion_mnist_tfds: 64 training
   examples), dotted-field overrides applied, validated."""
-  from byol_jax import config as config_lib
   c = recipe("byol_fashion_mnist", "smoke")
   c.unlock()
   c.dataset.data_dir = data_dir

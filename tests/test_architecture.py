@@ -247,3 +247,40 @@ def test_the_package_states_its_public_api():
 def test_a_doc_without_the_block_is_refused():
   with pytest.raises(ValueError, match="exactly one ```imports block"):
     parse_rules("# architecture\nno rules here\n")
+
+
+# ------------------------------------------------------------------ the tests' own layout
+
+TESTS_DIR = ROOT / "tests"
+TEST_FILE_LINES = 400  # docs/architecture.md: "none is over ~400 lines".
+
+
+def imported_test_modules(path: pathlib.Path) -> list[str]:
+  """The `test_*` modules a tests/ file imports (by module name, as pytest puts its folder
+  and tests/ on sys.path)."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+    found += [n for n in names if n.split(".")[-1].startswith("test_")]
+  return found
+
+
+def test_no_test_file_imports_another_and_none_is_over_the_size():
+  offending, long_files = [], []
+  for path in sorted(TESTS_DIR.rglob("*.py")):
+    if "fixtures" in path.relative_to(TESTS_DIR).parts:
+      continue
+    rel = path.relative_to(ROOT).as_posix()
+    offending += [f"{rel}: imports {name}" for name in imported_test_modules(path)]
+    if path.name.startswith("test_") and len(path.read_text().splitlines()) > TEST_FILE_LINES:
+      long_files.append(rel)
+  assert not offending, ("shared test code belongs in a helper module (tests/fakes.py, "
+                         "tests/<part>/<name>.py), not in a test file: " + "; ".join(offending))
+  assert not long_files, f"over {TEST_FILE_LINES} lines, split by behaviour: {long_files}"
+
+
+def test_test_folders_are_the_packages_parts(rules):
+  folders = {p.name for p in TESTS_DIR.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+  assert folders - {"learning"} <= package_parts(), folders - package_parts()
+  assert not list(TESTS_DIR.rglob("__init__.py")), "tests/ folders are not packages"

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from byol_jax import config as config_lib
 from byol_jax.data import pipelines
 from byol_jax.data import sources
+from byol_jax.tools import bench_input
 from tfds_images import (CMYK_BLOCKS, GOOD_LABELS, S, TEST_N, TRAIN_N, centre_window, jpeg,
                          make_config, reference_crop, reference_jpeg_crop, smooth_image, take)
 
@@ -177,7 +178,6 @@ def test_bad_batch_size_and_split_and_missing_data_sets_raise_clear_errors(image
 
 
 def test_benchmark_jpegs_are_imagenet_like_and_every_figure_is_reported(tmp_path):
-  from byol_jax.tools import bench_input  # Here, not at the top: only this test needs it.
   rng = np.random.default_rng(0)
   sizes = [len(jpeg(bench_input.synthetic_photo(rng, 375, 500, t), quality=90))
            for t in (1.1, 2.0, 3.2)]  # The texture range write_jpegs draws from.

@@ -15,6 +15,7 @@ from byol_jax.evaluation import baselines
 from byol_jax import cli
 from byol_jax import config as config_lib
 from byol_jax.data import pipelines
+from byol_jax.data import prepare
 from byol_jax.evaluation import finetune
 from byol_jax.evaluation import linear_eval
 from byol_jax.evaluation import features
@@ -42,7 +43,6 @@ def _informative_images(rng, labels):
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
   """Fashion-MNIST-format files whose pixels tell the class, built as a tfds data set."""
-  from byol_jax.data import prepare
   root = tmp_path_factory.mktemp("pixels")
   rng = np.random.default_rng(0)
   arrays = {}

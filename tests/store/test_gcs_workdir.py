@@ -42,7 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "configs" / "byol_fashion_mnist.py")
 # The manifest of step k appears once orbax has finished it, at the latest when the save of
 # step k + EVERY starts: the run must go on long enough after that to be killed mid-way.
-STEPS, EVERY = 40, 4
+STEPS, EVERY = 20, 4
 METRICS_PARTS = "run/metrics.jsonl.d/"
 
 

@@ -15,6 +15,7 @@ import pytest
 import tolerances
 from byol_jax.tools import bench
 from byol_jax import config as config_lib
+from byol_jax.model import networks
 from byol_jax import parallel
 from byol_jax.training import train
 from tolerances import augment_in_float32
@@ -126,7 +127,6 @@ def test_no_gradient_reaches_the_target_params():
 
 
 def _local_forward(c):
-  from byol_jax.model import networks
   return networks.make_byol_network(c.model, c.dataset.num_classes, axis_name=None)
 
 

@@ -38,7 +38,7 @@ from byol_jax.weights import export
 from byol_jax.weights import export_formats
 from byol_jax.weights import pretrained
 # torchvision's ResNet module tree, mirrored in torch alone (torchvision is not installed).
-from test_export import TORCH_ARCHS, TorchResNet
+from torchvision_reference import TORCH_ARCHS, TorchResNet
 
 FLOAT32_BOUND = 1e-5  # Relative L2, float32 vs the float64 run; derived in the docstring.
 ROUNDING_RATIO = 10  # byol_jax's float32 deviation / PyTorch's own, at most.
